@@ -1,0 +1,46 @@
+# Two commands set up a fresh machine: `make demo` and `make test`.
+# Both create .venv and install the pinned dependencies (requirements.lock) first.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(abspath $(BIN)):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-all data bench clean-outputs
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip==26.3
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test]'
+	touch $(STAMP)
+
+# The raw data: synthetic by default. A folder you put in data/ yourself is left alone.
+data: $(STAMP)
+	@if [ ! -d data ]; then \
+		echo "== writing the synthetic EGD-CXR/MIMIC-CXR dataset into data/"; \
+		$(BIN)/cxrgaze synth data; \
+	fi
+
+demo: data
+	$(BIN)/dvc repro
+	$(BIN)/cxrgaze summary
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+# Everything, including the slow end-to-end tests.
+test-all: $(STAMP)
+	$(BIN)/pytest -m "not gpu"
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_prepare.py
+	$(BIN)/python bench/bench_batch_read.py
+	$(BIN)/python bench/bench_step.py
+
+clean-outputs:
+	rm -rf outputs reports

@@ -1,0 +1,29 @@
+"""DVC stage `prepare`: decode the DICOMs once, gaze heatmaps, manifest and exclusions.
+
+Usage (from dvc.yaml): python pipelines/prepare.py EGD_DIR DICOM_DIR OUT_DIR METRICS_JSON [IDS_CSV]
+The metrics JSON (counts of kept and excluded images, by class and reason) sits outside
+OUT_DIR because DVC does not allow a metric inside a stage's output folder.
+Reads params.yaml: data.
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import PARAMS, run_stage  # noqa: E402
+
+
+def main() -> None:
+    from cxrgaze.config import DataConfig, load_section
+    from cxrgaze.data.prepare import prepare
+
+    egd_dir, dicom_dir, out_dir, metrics_json, *ids = sys.argv[1:]
+    result = prepare(Path(egd_dir), Path(dicom_dir), Path(out_dir), load_section(DataConfig, "data", PARAMS),
+                     ids_csv=Path(ids[0]) if ids and ids[0] else None)
+    shutil.copyfile(Path(out_dir) / "meta.json", metrics_json)
+    print(result.summary() if hasattr(result, "summary") else result)
+
+
+if __name__ == "__main__":
+    run_stage("prepare", main)

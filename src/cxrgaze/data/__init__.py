@@ -1,0 +1,1 @@
+"""Reading EGD-CXR tables and DICOMs, gaze heatmaps, synthetic data, splits, datasets."""
