@@ -30,11 +30,12 @@ def _params_section(params_path: str | None, section: str) -> dict:
 def cmd_synth(args: argparse.Namespace) -> None:
     from cxrgaze.data.synth import synthesize
 
-    kwargs = {"patients": args.patients, "seed": args.seed, "shortcut_strength": args.shortcut_strength}
+    kwargs = {"patients": args.patients, "seed": args.seed, "shortcut_strength": args.shortcut_strength,
+              "workers": args.workers or (os.cpu_count() or 1), "progress": not args.quiet, "overwrite": args.overwrite}
     if args.image_size is not None:
         kwargs["image_size"] = args.image_size
     result = synthesize(Path(args.out), **kwargs)
-    print(result.summary() if hasattr(result, "summary") else result)
+    print(result.summary())
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -44,7 +45,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     for key in ("image_size", "resize", "gaze_sigma", "workers"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
-    config = from_mapping(DataConfig, values, where="data")
+    config = from_mapping(DataConfig, values, where=f"{args.params}: data" if args.params else "data")
     result = prepare(Path(args.egd_dir), Path(args.dicom_dir), Path(args.out), config,
                      ids_csv=Path(args.ids) if args.ids else None, progress=not args.quiet)
     print(result.summary() if hasattr(result, "summary") else result)
@@ -56,9 +57,27 @@ def cmd_split(args: argparse.Namespace) -> None:
     values = _params_section(args.params, "split")
     if args.seed is not None:
         values["seed"] = args.seed
-    config = from_mapping(SplitConfig, values, where="split")
+    config = from_mapping(SplitConfig, values, where=f"{args.params}: split" if args.params else "split")
     summary = write_split(Path(args.prepared) / "manifest.csv", Path(args.out), config)
     print(summary.to_string())
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from cxrgaze.config import VARIANTS
+    from cxrgaze.train import resolve_run_config, train
+
+    params = load_params(args.params) if args.params else {}
+    for key in ("epochs", "device", "seed", "batch_size", "lr"):
+        if getattr(args, key) is not None:
+            params.setdefault("train", {})
+            params["train"] = {**(params["train"] or {}), key: getattr(args, key)}
+    variants = VARIANTS if args.variant == "all" else [args.variant]
+    for variant in variants:
+        config = resolve_run_config(params, variant, where=args.params or "defaults")
+        out = Path(args.out) / variant if args.variant == "all" else Path(args.out)
+        result = train(config, args.prepared, args.split, out, progress=not args.quiet, resume=not args.no_resume)
+        print(f"{variant}: best epoch {result.best_epoch + 1}/{config.train.epochs}, "
+              + ", ".join(f"{k}={v:.4f}" for k, v in result.best.items() if k.startswith("val_auc")) + f"  -> {out}")
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
@@ -86,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, help="approximate image side in pixels (default ~256; real MIMIC-CXR is ~2500-3000)")
     p.add_argument("--shortcut-strength", type=float, default=0.9,
                    help="share of train/val images whose burned-in marker agrees with the label; 0 turns the shortcut off (default 0.9)")
+    p.add_argument("--workers", type=int, default=0, help="processes (0: one per core); the output does not depend on it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in OUT")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = add("prepare", cmd_prepare, "Decode DICOMs once into arrays with gaze heatmaps; write manifest.csv and excluded.csv.")
     p.add_argument("--egd-dir", required=True, help="EGD-CXR folder (master_sheet.csv, fixations.csv, bounding_boxes.csv)")
@@ -104,6 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="split CSV to write (dicom_id, patient_id, label, split)")
     p.add_argument("--params", default=None, help="read the `split` section of this params.yaml")
     p.add_argument("--seed", type=int, default=None)
+
+    p = add("train", cmd_train, "Train one variant (or all) on prepared arrays; checkpoints every epoch, resumable.")
+    p.add_argument("--variant", required=True, help="baseline, unet, set1-gbp, set1-deconv, set2-gbp, set2-deconv, "
+                   "set3-gbp, set3-deconv, set3-grad, or all")
+    p.add_argument("--prepared", default="outputs/prepared", help="folder written by prepare (default outputs/prepared)")
+    p.add_argument("--split", default="outputs/split.csv", help="split table (default outputs/split.csv)")
+    p.add_argument("--out", required=True, help="checkpoint folder (with --variant all: one subfolder per variant)")
+    p.add_argument("--params", default=None, help="read model/loss/train/variants from this params.yaml")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing last.pt (its folder is overwritten)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = add("summary", cmd_summary, "Print what the pipeline produced and how to browse it.")
     p.add_argument("--root", default=".", help="project folder (default: .)")

@@ -1,0 +1,47 @@
+"""What the pipeline produced, printed at the end of ``make demo`` (``cxrgaze summary``).
+
+Reads only stage outputs, so it works after ``dvc repro`` restored them from the cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+
+def _section(title: str) -> None:
+    print(f"\n== {title}")
+
+
+def print_summary(root: Path = Path(".")) -> None:
+    """Print the data, exclusion and split reports under ``root/outputs``, if present."""
+    outputs = root / "outputs"
+    prepared = outputs / "prepared"
+    if (prepared / "manifest.csv").exists():
+        manifest = pd.read_csv(prepared / "manifest.csv", dtype=str)
+        _section(f"prepared images: {len(manifest)}  ({prepared})")
+        print(manifest["label"].value_counts().rename("images").to_string())
+        meta_path = prepared / "meta.json"
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            config = meta.get("config") or meta.get("data")
+            if config:
+                print("config: " + ", ".join(f"{k}={v}" for k, v in config.items()))
+    else:
+        print(f"no prepared data under {prepared}: run `dvc repro` (or `make demo`)")
+        return
+    excluded_path = prepared / "excluded.csv"
+    if excluded_path.exists():
+        excluded = pd.read_csv(excluded_path, dtype=str)
+        _section(f"excluded images: {len(excluded)}  ({excluded_path})")
+        if len(excluded):
+            print(excluded.to_string(index=False))
+    split_path = outputs / "split.csv"
+    if split_path.exists():
+        split = pd.read_csv(split_path, dtype=str)
+        _section(f"split (images; patients in the last column)  ({split_path})")
+        table = split.groupby(["split", "label"]).size().unstack(fill_value=0)
+        table["patients"] = split.groupby("split")["patient_id"].nunique()
+        print(table.reindex(["train", "val", "test"]).to_string())
