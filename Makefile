@@ -28,6 +28,7 @@ data: $(STAMP)
 
 demo: data
 	$(BIN)/dvc repro
+	@git diff --quiet -- data.dvc 2>/dev/null || echo "NOTE: data/ differs from the committed data.dvc (your own data, or a changed generator): review and commit data.dvc"
 	$(BIN)/cxrgaze summary
 
 test: $(STAMP)
@@ -40,6 +41,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_prepare.py
 	$(BIN)/python bench/bench_batch_read.py
+	$(BIN)/python bench/bench_gaze_resolution.py
 	$(BIN)/python bench/bench_step.py
 
 clean-outputs:
