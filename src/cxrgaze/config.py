@@ -102,3 +102,121 @@ def load_section(cls: type[T], section: str, path: str | Path = "params.yaml") -
 def to_dict(config: Any) -> dict[str, Any]:
     """The resolved config as plain data (for checkpoints, MLflow params, JSON)."""
     return dataclasses.asdict(config)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network (``params.yaml: model``); see ``cxrgaze.models.build_model``.
+
+    The variant decides whether there is a decoder (``baseline``: encoder and head only).
+    """
+
+    encoder: str = "efficientnet-b0"
+    """Any segmentation_models_pytorch encoder name (``efficientnet-b0``,
+    ``timm-efficientnet-b0`` as in the reference code, ``resnet18``, ``tu-<timm name>``)."""
+    encoder_weights: str | None = None
+    """``None`` (random init), a name smp downloads (``imagenet``; needs network), or the
+    path of a local encoder state-dict file (``.pt``/``.pth``/``.safetensors``)."""
+    num_classes: int = 3
+    dropout: float = 0.5
+    """Dropout before the classification layer (reference: 0.5 for the U-Net, 0 for the baseline)."""
+    pooling: str = "avg"
+    """Pooling of the classification head: ``avg`` (reference) or ``max``."""
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+
+    def __post_init__(self) -> None:
+        if self.pooling not in ("avg", "max"):
+            raise ConfigError(f"model.pooling must be 'avg' or 'max', got {self.pooling!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.num_classes < 2:
+            raise ConfigError(f"model.num_classes must be at least 2, got {self.num_classes}")
+        if len(self.decoder_channels) != 5 or any(c < 1 for c in self.decoder_channels):
+            raise ConfigError(f"model.decoder_channels must be 5 positive ints, got {self.decoder_channels}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The training objective (``params.yaml: loss``); see ``cxrgaze.losses``.
+
+    Total loss ``gamma * L_cls + (1 - gamma) * heatmap_loss``; set 3's heatmap loss is
+    ``alpha * L_s(M, G) + (1 - alpha) * L_s(H, G)``. The baseline's loss is ``L_cls``.
+    """
+
+    gamma: float = 0.41731
+    """Weight of the classification loss (reference U-Net: 0.41731)."""
+    alpha: float = 0.5
+    """Set 3: weight of the mask-vs-gaze term against the generator-vs-gaze term."""
+    cls_loss: str = "bce"
+    """``bce``: BCE-with-logits on the one-hot label (reference); ``ce``: cross-entropy."""
+    map_loss: str = "bce"
+    """Heatmap loss ``L_s``: ``bce`` (reference), ``kl`` (maps normalised to
+    distributions, KL(target || prediction)) or ``mse`` (on [0, 1] maps)."""
+    detach_generator_target: bool = True
+    """Set 2: treat the generator heatmap as a fixed target for the decoder (no second-order
+    gradient into the generator)."""
+    eps: float = 1e-6
+    """Clamp of [0, 1] heatmaps before a BCE (the max pixel of a normalised map is exactly 1)."""
+
+    def __post_init__(self) -> None:
+        for name in ("gamma", "alpha"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"loss.{name} must be in [0, 1], got {value}")
+        if self.cls_loss not in ("bce", "ce"):
+            raise ConfigError(f"loss.cls_loss must be 'bce' or 'ce', got {self.cls_loss!r}")
+        if self.map_loss not in ("bce", "kl", "mse"):
+            raise ConfigError(f"loss.map_loss must be 'bce', 'kl' or 'mse', got {self.map_loss!r}")
+        if not 0.0 < self.eps < 0.5:
+            raise ConfigError(f"loss.eps must be in (0, 0.5), got {self.eps}")
+
+
+VARIANTS: tuple[str, ...] = (
+    "baseline", "unet", "set1-gbp", "set1-deconv", "set2-gbp", "set2-deconv", "set3-gbp", "set3-deconv", "set3-grad",
+)
+"""The experiment variants: the paper's sets plus ``set3-grad`` (plain input gradient)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation of one run (``params.yaml: train``, per-variant ``variants.<name>``)."""
+
+    variant: str = "unet"
+    epochs: int = 35
+    """Reference U-Net: 35 (baseline: 20)."""
+    batch_size: int = 32
+    lr: float = 0.0090552
+    """Reference U-Net: 0.0090552 (baseline: 0.006486)."""
+    optimizer: str = "adam"
+    """``adam`` (reference) or ``adamw``."""
+    weight_decay: float = 0.0
+    scheduler: str = "none"
+    """``none`` or ``cyclic`` (the reference's triangular cyclic LR, stepped per epoch)."""
+    cyclic_min_factor: float = 0.1
+    """``cyclic``: the lowest LR as a fraction of ``lr``."""
+    cyclic_half_period: int = 4
+    """``cyclic``: epochs from the lowest to the highest LR."""
+    clip_value: float = 0.1
+    """Gradient value clipping (reference: 0.1); 0 disables it."""
+    seed: int = 0
+    device: str = "auto"
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:1``..."""
+    amp: str = "off"
+    """``off`` or ``bf16`` (autocast; meant for CUDA)."""
+    augment: bool = False
+    """Small random affine on image and gaze together (off, as the reference)."""
+    eval_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"train.variant must be one of {', '.join(VARIANTS)}; got {self.variant!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(f"train.epochs and train.batch_size must be positive, got {self.epochs}, {self.batch_size}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ConfigError(f"train.optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
+        if self.scheduler not in ("none", "cyclic"):
+            raise ConfigError(f"train.scheduler must be 'none' or 'cyclic', got {self.scheduler!r}")
+        if self.amp not in ("off", "bf16"):
+            raise ConfigError(f"train.amp must be 'off' or 'bf16', got {self.amp!r}")

@@ -1,0 +1,308 @@
+"""Training of every variant: ``train(config) -> TrainResult``.
+
+The CLI, the DVC stage, the Optuna objective and the tests all call :func:`train`.
+
+What a run guarantees:
+
+* The checkpoint kept as ``best.pt`` is the epoch with the best *validation* macro AUC
+  (ties: the earlier epoch); test data is never seen here.
+* ``last.pt`` is written atomically at the end of every epoch with the model, optimizer,
+  scheduler and RNG state. A killed run started again with the same config resumes from
+  it and, on CPU, finishes with exactly the result of an uninterrupted run: the batch
+  order of epoch ``e`` comes from a generator seeded with ``(seed, e)`` and the global
+  torch RNG (dropout) is restored from the checkpoint.
+* A NaN or infinite loss stops the run with :class:`TrainingDiverged` naming the epoch
+  and batch; ``last.pt`` and ``best.pt`` from the last good epoch stay.
+* Callbacks (``on_epoch_end(record)``) see each epoch's record: MLflow logging and Optuna
+  pruning plug in there without this module knowing about either.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from cxrgaze.config import LossConfig, ModelConfig, TrainConfig, to_dict
+from cxrgaze.data.dataset import SplitTensors, load_split, random_affine
+from cxrgaze.losses import compute_loss
+from cxrgaze.metrics import auc_summary
+from cxrgaze.models import build_model, class_logits
+from cxrgaze.runtime import resolve_device, seed_everything
+
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the epoch and the batch."""
+
+
+class EpochCallback(Protocol):
+    def on_epoch_end(self, record: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a training run (stored in checkpoints and MLflow params)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": to_dict(self.model), "loss": to_dict(self.loss), "train": to_dict(self.train)}
+
+
+@dataclass
+class TrainResult:
+    """What a finished run returns (and writes to ``metrics.json``)."""
+
+    variant: str
+    out_dir: Path
+    best_epoch: int
+    best: dict[str, float]
+    """Validation metrics of the best epoch (``val_auc_macro``, ``val_auc_<class>``, ...)."""
+    history: list[dict[str, Any]]
+    """One record per epoch: epoch, train loss terms, validation metrics, lr, seconds."""
+    device: str
+    config: dict[str, Any]
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.out_dir / "best.pt"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"variant": self.variant, "best_epoch": self.best_epoch, **self.best, "device": self.device,
+                "epochs_run": len(self.history)}
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a cxrgaze checkpoint safely (``weights_only=True``); a damaged file is a clear error."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such checkpoint") from None
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
+        raise ValueError(f"{path}: not a cxrgaze checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    return ckpt
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"train.optimizer must be 'adam' or 'adamw', got {cfg.optimizer!r}")
+
+
+def _make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """``cyclic``: the reference's triangular cyclic LR, stepped once per epoch between
+    ``lr * cyclic_min_factor`` and ``lr`` with a half-cycle of ``cyclic_half_period`` epochs."""
+    if cfg.scheduler == "none":
+        return None
+    if cfg.scheduler == "cyclic":
+        return torch.optim.lr_scheduler.CyclicLR(
+            optimizer, base_lr=cfg.lr * cfg.cyclic_min_factor, max_lr=cfg.lr,
+            step_size_up=cfg.cyclic_half_period, mode="triangular", cycle_momentum=False)
+    raise ValueError(f"train.scheduler must be 'none' or 'cyclic', got {cfg.scheduler!r}")
+
+
+def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The batch order of one epoch: a permutation seeded by (seed, epoch) alone."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return list(torch.randperm(n, generator=g).split(batch_size))
+
+
+def _to_batch(data: SplitTensors, idx: torch.Tensor, device: torch.device,
+              augment: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """A training batch on ``device``; with ``augment`` (a seeded generator) each image and
+    its gaze map get the same small random affine."""
+    images = data.images[idx].float()  # (B, 1, S, S)
+    gaze = data.gaze[idx].float()  # (B, 1, S, S)
+    if augment is not None:
+        pairs = [random_affine(torch.stack([im, gz]), generator=augment) for im, gz in zip(images, gaze)]  # (2, 1, S, S) each
+        images = torch.stack([p[0] for p in pairs])
+        gaze = torch.stack([p[1] for p in pairs])
+    return {"image": images.to(device), "gaze": gaze.to(device), "label": data.labels[idx].to(device)}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 64) -> torch.Tensor:
+    """Class logits (N, K) of ``images`` (N, 1, S, S) through the encoder and head only."""
+    model.eval()
+    out = [class_logits(model, images[i:i + batch_size].to(device, torch.float32)).float().cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def evaluate_split(model: nn.Module, data: SplitTensors, device: torch.device, prefix: str, batch_size: int = 64) -> dict[str, float]:
+    """Macro and per-class one-vs-rest AUC of the model on one split."""
+    logits = predict_logits(model, data.images, device, batch_size)
+    return auc_summary(data.labels.numpy(), torch.softmax(logits, dim=1).numpy(), prefix=prefix)
+
+
+def train(
+    config: RunConfig,
+    prepared_dir: str | Path,
+    split_csv: str | Path,
+    out_dir: str | Path,
+    callbacks: Iterable[EpochCallback] = (),
+    progress: bool = True,
+    resume: bool = True,
+) -> TrainResult:
+    """Train ``config.train.variant`` on the prepared arrays; write checkpoints to ``out_dir``.
+
+    Resumes from ``out_dir/last.pt`` when it exists and was written with the same config
+    (a different config is an error rather than a silent restart; pass ``resume=False``
+    or delete the folder to start over).
+    """
+    cfg = config.train
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    train_data = load_split(prepared_dir, split_csv, "train")
+    val_data = load_split(prepared_dir, split_csv, "val")
+    if len(train_data) == 0 or len(val_data) == 0:
+        raise ValueError(f"{split_csv}: the train and val splits must both be non-empty "
+                         f"(train {len(train_data)}, val {len(val_data)})")
+
+    model = build_model(config.model, variant=cfg.variant).to(device)
+    optimizer = _make_optimizer(model, cfg)
+    scheduler = _make_scheduler(optimizer, cfg)
+    config_dict = config.as_dict()
+    history: list[dict[str, Any]] = []
+    best: dict[str, float] = {}
+    best_epoch = -1
+    start_epoch = 0
+
+    last_path = out_dir / "last.pt"
+    if resume and last_path.exists():
+        ckpt = load_checkpoint(last_path)
+        if ckpt["config"] != config_dict:
+            raise ValueError(f"{last_path}: written by a run with a different config; "
+                             "delete the folder (or pass resume=False) to start over")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None and ckpt.get("scheduler") is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        history, best, best_epoch = ckpt["history"], ckpt["best"], ckpt["best_epoch"]
+        start_epoch = ckpt["epoch"] + 1
+
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+                if cfg.amp == "bf16" else torch.autocast(device_type=device.type, enabled=False))
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        sums: dict[str, float] = {}
+        batches = _batches(len(train_data), cfg.batch_size, cfg.seed, epoch)
+        augment = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch + 1) if cfg.augment else None
+        bar = tqdm(batches, desc=f"{cfg.variant} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        for b, idx in enumerate(bar):
+            batch = _to_batch(train_data, idx, device, augment)
+            with autocast:
+                loss, terms = compute_loss(model, batch, cfg.variant, config.loss)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"{cfg.variant}: loss is {loss.item()} at epoch {epoch + 1}, batch {b + 1}; "
+                                       f"the last good checkpoint is {last_path if last_path.exists() else 'none (first epoch)'}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_value > 0:
+                torch.nn.utils.clip_grad_value_(model.parameters(), cfg.clip_value)
+            optimizer.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
+            seen = sum(len(i) for i in batches[: b + 1])
+            bar.set_postfix({k: f"{s / seen:.4f}" for k, s in sums.items()})
+        bar.close()
+        record: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        record.update({f"train_{k}": s / len(train_data) for k, s in sums.items()})
+        record.update(evaluate_split(model, val_data, device, prefix="val_", batch_size=cfg.eval_batch_size))
+        if scheduler is not None:
+            scheduler.step()
+        record["seconds"] = time.perf_counter() - t0
+        history.append(record)
+        score = record["val_auc_macro"]
+        improved = math.isfinite(score) and (best_epoch < 0 or score > best.get("val_auc_macro", -math.inf))
+        if improved or best_epoch < 0:
+            best_epoch = epoch
+            best = {k: v for k, v in record.items() if k.startswith("val_")}
+            _atomic_save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config_dict,
+                          "epoch": epoch, "metrics": best}, out_dir / "best.pt")
+        _atomic_save({
+            "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
+            "epoch": epoch, "history": history, "best": best, "best_epoch": best_epoch, "config": config_dict,
+        }, last_path)
+        if progress:
+            tqdm.write(f"{cfg.variant} epoch {epoch + 1}/{cfg.epochs}: "
+                       + ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k.startswith(("train_", "val_auc_macro"))))
+        for cb in callbacks:
+            cb.on_epoch_end(record)
+
+    result = TrainResult(variant=cfg.variant, out_dir=out_dir, best_epoch=best_epoch, best=best,
+                         history=history, device=str(device), config=config_dict)
+    (out_dir / "metrics.json").write_text(json.dumps(result.to_json(), indent=2, sort_keys=True) + "\n")
+    _write_history_csv(history, out_dir / "history.csv")
+    return result
+
+
+def _write_history_csv(history: list[dict[str, Any]], path: Path) -> None:
+    keys: list[str] = []
+    for rec in history:
+        keys += [k for k in rec if k not in keys]
+    lines = [",".join(keys)]
+    for rec in history:
+        lines.append(",".join("" if rec.get(k) is None else (f"{rec[k]:.6g}" if isinstance(rec[k], float) else str(rec[k])) for k in keys))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def resolve_run_config(params: dict[str, Any], variant: str, where: str = "params.yaml") -> RunConfig:
+    """The RunConfig of ``variant`` from a params mapping.
+
+    ``model``, ``loss`` and ``train`` give the common settings; ``variants.<variant>`` may
+    override any of them with its own ``model:``/``loss:``/``train:`` mappings (the
+    reference tuned the baseline and the U-Net separately).
+    """
+    from cxrgaze.config import VARIANTS, ConfigError, from_mapping
+
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    overrides = dict((params.get("variants") or {}).get(variant) or {})
+    unknown = sorted(set(overrides) - {"model", "loss", "train"})
+    if unknown:
+        raise ConfigError(f"{where}: variants.{variant}: unknown section(s) {', '.join(unknown)}")
+    sections = {}
+    for name in ("model", "loss", "train"):
+        merged = {**(params.get(name) or {}), **(overrides.get(name) or {})}
+        if name == "train":
+            merged["variant"] = variant
+        sections[name] = merged
+    return RunConfig(
+        model=from_mapping(ModelConfig, sections["model"], where=f"{where}: model"),
+        loss=from_mapping(LossConfig, sections["loss"], where=f"{where}: loss"),
+        train=from_mapping(TrainConfig, sections["train"], where=f"{where}: train"),
+    )

@@ -1,0 +1,170 @@
+"""Model factory: shapes, the baseline without decoder, weights handling, input contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cxrgaze.config import ConfigError, ModelConfig, from_mapping
+from cxrgaze.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ModelError,
+    build_model,
+    class_logits,
+    split_outputs,
+)
+
+SMALL = ModelConfig(encoder="resnet18", dropout=0.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one intra-op thread is as fast, and immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return build_model(SMALL).eval()
+
+
+def test_unet_returns_mask_and_class_logits(unet):
+    mask_logits, logits = unet(torch.rand(2, 1, 64, 64))
+    assert mask_logits.shape == (2, 1, 64, 64)
+    assert logits.shape == (2, 3)
+    assert unet.has_decoder
+
+
+def test_default_config_is_the_reference_unet_without_downloads(monkeypatch):
+    import segmentation_models_pytorch.encoders as encoders
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("build_model must not download anything by default")
+
+    monkeypatch.setattr(encoders, "hf_hub_download", no_network)
+    config = ModelConfig()
+    assert config.encoder == "efficientnet-b0" and config.encoder_weights is None
+    model = build_model(config).eval()
+    mask_logits, logits = model(torch.rand(1, 1, 64, 64))
+    assert mask_logits.shape == (1, 1, 64, 64) and logits.shape == (1, 3)
+
+
+def test_baseline_has_no_decoder_and_returns_class_logits():
+    model = build_model(SMALL, variant="baseline").eval()
+    assert not model.has_decoder
+    assert model.decoder is None and model.segmentation_head is None
+    assert not any(k.startswith(("decoder.", "segmentation_head.")) for k in model.state_dict())
+    logits = model(torch.rand(2, 1, 64, 64))
+    assert isinstance(logits, torch.Tensor) and logits.shape == (2, 3)
+    assert split_outputs(logits)[0] is None
+
+
+def test_baseline_and_unet_share_encoder_keys(unet):
+    baseline = build_model(SMALL, variant="baseline")
+    shared = {k for k in baseline.state_dict()}
+    assert shared <= set(unet.state_dict())
+    baseline.load_state_dict(unet.state_dict(), strict=False)  # encoder + head transfer
+
+
+def test_classify_skips_the_decoder_and_matches_forward(unet):
+    x = torch.rand(2, 1, 64, 64)
+    calls = []
+    handle = unet.decoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        logits = class_logits(unet, x)
+    finally:
+        handle.remove()
+    assert calls == []
+    torch.testing.assert_close(logits, unet(x)[1])
+
+
+def test_models_return_logits_and_normalise_inside(unet):
+    x = torch.rand(1, 1, 32, 32)
+    prepared = unet.preprocess(x)  # (1, 3, 32, 32)
+    for c in range(3):
+        torch.testing.assert_close(prepared[:, c], (x[:, 0] - IMAGENET_MEAN[c]) / IMAGENET_STD[c])
+    assert "mean" not in unet.state_dict() and "std" not in unet.state_dict()
+    _, logits = unet(torch.rand(4, 1, 64, 64) * 0)
+    assert logits.dtype == torch.float32  # raw scores; probabilities live elsewhere
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64, 64), (1, 64, 64), (2, 1, 64)])
+def test_rejects_inputs_that_are_not_grey_batches(unet, shape):
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        unet(torch.rand(*shape))
+
+
+def test_unet_input_size_must_fit_the_encoder_stride(unet):
+    with pytest.raises(ValueError, match="multiples of 32"):
+        unet(torch.rand(1, 1, 50, 64))
+
+
+def test_bad_encoder_name_is_a_clear_error():
+    with pytest.raises(ModelError, match=r"unknown encoder 'efficientnet-bzero'.*efficientnet-b0"):
+        build_model(ModelConfig(encoder="efficientnet-bzero"))
+
+
+def test_local_encoder_weights_file_loads(tmp_path):
+    torch.manual_seed(1)
+    source = build_model(SMALL, variant="baseline")
+    path = tmp_path / "encoder.pt"
+    torch.save(source.encoder.state_dict(), path)
+    model = build_model(ModelConfig(encoder="resnet18", encoder_weights=str(path)))
+    for key, value in source.encoder.state_dict().items():
+        torch.testing.assert_close(model.encoder.state_dict()[key], value)
+
+
+def test_full_model_checkpoint_supplies_encoder_weights(tmp_path):
+    torch.manual_seed(2)
+    source = build_model(SMALL)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": source.state_dict(), "epoch": 3}, path)
+    model = build_model(ModelConfig(encoder="resnet18", encoder_weights=str(path)), variant="baseline")
+    key = "conv1.weight"
+    torch.testing.assert_close(model.encoder.state_dict()[key], source.encoder.state_dict()[key])
+
+
+def test_safetensors_weights_load(tmp_path):
+    from safetensors.torch import save_file
+
+    source = build_model(SMALL, variant="baseline")
+    path = tmp_path / "encoder.safetensors"
+    save_file({k: v.contiguous() for k, v in source.encoder.state_dict().items()}, str(path))
+    model = build_model(ModelConfig(encoder="resnet18", encoder_weights=str(path)))
+    torch.testing.assert_close(model.encoder.conv1.weight, source.encoder.conv1.weight)
+
+
+def test_weights_that_do_not_fit_are_a_clear_error(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save(build_model(SMALL, variant="baseline").encoder.state_dict(), path)
+    with pytest.raises(ModelError, match="do not fit"):
+        build_model(ModelConfig(encoder="resnet34", encoder_weights=str(path)))
+    with pytest.raises(ModelError, match="does not exist"):
+        build_model(ModelConfig(encoder="resnet18", encoder_weights=str(tmp_path / "missing.pt")))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="cannot read"):
+        build_model(ModelConfig(encoder="resnet18", encoder_weights=str(tmp_path / "junk.pt")))
+
+
+def test_model_config_from_params_mapping():
+    config = from_mapping(ModelConfig, {"encoder": "resnet18", "decoder_channels": [64, 32, 16, 8, 4]})
+    assert config.decoder_channels == (64, 32, 16, 8, 4)
+    model = build_model(config).eval()
+    assert model(torch.rand(1, 1, 32, 32))[0].shape == (1, 1, 32, 32)
+    with pytest.raises(ConfigError, match="pooling"):
+        ModelConfig(pooling="median")
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_mapping(ModelConfig, {"encoder_name": "resnet18"})
+
+
+def test_timm_efficientnet_and_timm_universal_encoders_build():
+    for name in ("timm-efficientnet-b0", "tu-tinynet_e"):
+        model = build_model(ModelConfig(encoder=name)).eval()
+        mask_logits, logits = model(torch.rand(1, 1, 64, 64))
+        assert mask_logits.shape == (1, 1, 64, 64) and logits.shape == (1, 3)

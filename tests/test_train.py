@@ -1,0 +1,155 @@
+"""Model tests of `train()`: every variant runs, determinism, resume after a real kill, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tool_env
+from cxrgaze.config import VARIANTS, LossConfig, ModelConfig, TrainConfig
+from cxrgaze.train import RunConfig, TrainingDiverged, load_checkpoint, resolve_run_config, train
+
+TINY_MODEL = ModelConfig(encoder="tu-tinynet_e", decoder_channels=(32, 16, 16, 8, 8))
+
+
+def tiny_config(variant: str = "unet", **train_kw) -> RunConfig:
+    kw = {"epochs": 1, "batch_size": 16, "lr": 3e-3, "variant": variant, "device": "cpu", **train_kw}
+    return RunConfig(model=TINY_MODEL, loss=LossConfig(), train=TrainConfig(**kw))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_trains_end_to_end(variant, tiny_prepared, tmp_path):
+    """The whole loop for each variant: finite loss terms, validation AUC, checkpoints, metrics.
+    (That each objective's loss falls under the optimiser is tests/test_losses.py's job, on a
+    fixed batch where the answer does not depend on 36 noisy training images.)"""
+    prepared, split = tiny_prepared
+    result = train(tiny_config(variant, epochs=2), prepared, split, tmp_path, progress=False)
+    assert len(result.history) == 2
+    for rec in result.history:
+        terms = {k: v for k, v in rec.items() if k.startswith("train_")}
+        assert "train_loss" in terms and "train_cls" in terms
+        assert all(np.isfinite(v) for v in terms.values()), terms
+    assert 0.0 <= result.best["val_auc_macro"] <= 1.0
+    assert (tmp_path / "best.pt").exists() and (tmp_path / "last.pt").exists()
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["variant"] == variant and saved["best_epoch"] == result.best_epoch
+
+
+def test_best_checkpoint_is_chosen_by_validation_auc(tiny_prepared, tmp_path):
+    prepared, split = tiny_prepared
+    result = train(tiny_config("baseline", epochs=3), prepared, split, tmp_path, progress=False)
+    aucs = [rec["val_auc_macro"] for rec in result.history]
+    assert result.best_epoch == int(np.argmax(aucs))
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == result.best_epoch
+    assert best["metrics"]["val_auc_macro"] == pytest.approx(max(aucs))
+    assert not any(k.startswith("test") for rec in result.history for k in rec)
+
+
+def test_same_seed_same_metrics(tiny_prepared, tmp_path):
+    prepared, split = tiny_prepared
+    a = train(tiny_config("set3-gbp", epochs=2), prepared, split, tmp_path / "a", progress=False)
+    b = train(tiny_config("set3-gbp", epochs=2), prepared, split, tmp_path / "b", progress=False)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(a.history) == strip(b.history)
+    sa = load_checkpoint(tmp_path / "a" / "best.pt")["model"]
+    sb = load_checkpoint(tmp_path / "b" / "best.pt")["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_kill_during_training_then_resume_gives_the_uninterrupted_result(tiny_prepared, tmp_path):
+    prepared, split = tiny_prepared
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "model: {encoder: tu-tinynet_e, decoder_channels: [32, 16, 16, 8, 8]}\n"
+        "train: {epochs: 4, batch_size: 8, lr: 0.003, device: cpu}\n"
+    )
+    cmd = [sys.executable, "-m", "cxrgaze.cli", "train", "--variant", "set3-gbp", "--params", str(params),
+           "--prepared", str(prepared), "--split", str(split), "--quiet"]
+    reference = subprocess.run(cmd + ["--out", str(tmp_path / "ref")], env=tool_env(), capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + ["--out", str(killed)], env=tool_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until at least one epoch is checkpointed, then kill -9
+        if (killed / "last.pt").exists():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "last.pt").exists() and not (killed / "metrics.json").exists(), "run finished before the kill"
+    done_epochs = load_checkpoint(killed / "last.pt")["epoch"] + 1
+    assert done_epochs < 4
+
+    resumed = subprocess.run(cmd + ["--out", str(killed)], env=tool_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    ref = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    got = json.loads((killed / "metrics.json").read_text())
+    assert got == ref
+    ref_hist = load_checkpoint(tmp_path / "ref" / "last.pt")["history"]
+    got_hist = load_checkpoint(killed / "last.pt")["history"]
+    assert [r["val_auc_macro"] for r in got_hist] == [r["val_auc_macro"] for r in ref_hist]
+    assert [r["train_loss"] for r in got_hist] == [r["train_loss"] for r in ref_hist]
+
+
+class Interrupted(Exception):
+    pass
+
+
+class StopAfterFirstEpoch:
+    def on_epoch_end(self, record):
+        raise Interrupted
+
+
+def test_nan_loss_stops_with_epoch_and_batch_and_keeps_the_last_good_checkpoint(tiny_prepared, tmp_path):
+    prepared, split = tiny_prepared
+    data = tmp_path / "prepared"
+    data.mkdir()
+    for f in prepared.iterdir():
+        (data / f.name).write_bytes(f.read_bytes())
+    config = tiny_config("set3-gbp", epochs=2, batch_size=8)
+    with pytest.raises(Interrupted):
+        train(config, data, split, tmp_path / "run", progress=False, callbacks=[StopAfterFirstEpoch()])
+    good = (tmp_path / "run" / "last.pt").read_bytes()
+
+    images = np.load(data / "images.npy")
+    images[:] = np.nan  # every image broken: the first batch of epoch 2 diverges
+    np.save(data / "images.npy", images)
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, batch 1"):
+        train(config, data, split, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "last.pt").read_bytes() == good
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == 0
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tiny_prepared, tmp_path):
+    prepared, split = tiny_prepared
+    train(tiny_config("unet"), prepared, split, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="different config"):
+        train(tiny_config("unet", lr=1e-4), prepared, split, tmp_path, progress=False)
+
+
+def test_corrupt_checkpoint_is_refused_with_a_message(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="last.pt: not a readable checkpoint"):
+        load_checkpoint(bad)
+
+
+def test_params_resolve_per_variant_overrides():
+    params = {"model": {"dropout": 0.5}, "loss": {"gamma": 0.4}, "train": {"epochs": 3},
+              "variants": {"baseline": {"loss": {"gamma": 1.0}, "model": {"dropout": 0.0}}}}
+    base = resolve_run_config(params, "baseline")
+    unet = resolve_run_config(params, "unet")
+    assert (base.loss.gamma, base.model.dropout, base.train.variant) == (1.0, 0.0, "baseline")
+    assert (unet.loss.gamma, unet.model.dropout, unet.train.epochs) == (0.4, 0.5, 3)
+    with pytest.raises(ValueError, match="unknown variant"):
+        resolve_run_config(params, "set4-gbp")
