@@ -395,6 +395,31 @@ def test_training_step_after_generator_uses_true_derivatives():
     torch.testing.assert_close(traced, plain)
 
 
+@pytest.mark.parametrize("act", [F.relu, F.silu, F.relu6], ids=["relu", "silu", "relu6"])
+def test_in_place_activations_keep_their_meaning_and_derivatives(act):
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 3, 5, 5, dtype=torch.double)
+    w = torch.randn(3, 3, 1, 1, dtype=torch.double, requires_grad=True)
+    target = torch.tensor([0, 1])
+
+    def run(traced: bool):
+        x = x0.clone().requires_grad_(True)
+        with trace(nn.Identity()) if traced else contextlib.nullcontext() as tr:
+            z = F.conv2d(x, w) * 2.0
+            out = act(z, inplace=True)
+            assert out is z
+            logits = out.mean((2, 3))  # (B, 3)
+        if traced:
+            a = tr.attribute(logits, x, target, "grad", create_graph=True)
+        else:
+            (a,) = torch.autograd.grad(logits.gather(1, target.view(-1, 1)).sum(), x, create_graph=True)
+        (gw,) = torch.autograd.grad(a.square().sum() + logits.sum(), w)
+        return a, gw
+
+    for plain, traced in zip(run(False), run(True)):
+        torch.testing.assert_close(plain, traced)
+
+
 def test_rule_without_traced_forward_is_an_error():
     from cxrgaze.explain import Trace
 

@@ -105,6 +105,19 @@ def test_unet_input_size_must_fit_the_encoder_stride(unet):
         unet(torch.rand(1, 1, 50, 64))
 
 
+def test_unreachable_named_weights_point_to_local_files(monkeypatch):
+    import segmentation_models_pytorch.encoders as encoders
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(encoders, "hf_hub_download", offline)
+    with pytest.raises(ModelError, match="could not fetch 'imagenet'.*local weights file"):
+        build_model(ModelConfig(encoder="resnet18", encoder_weights="imagenet"))
+    with pytest.raises(ModelError, match="Wrong pretrained weights"):
+        build_model(ModelConfig(encoder="resnet18", encoder_weights="noisy-student"))
+
+
 def test_bad_encoder_name_is_a_clear_error():
     with pytest.raises(ModelError, match=r"unknown encoder 'efficientnet-bzero'.*efficientnet-b0"):
         build_model(ModelConfig(encoder="efficientnet-bzero"))

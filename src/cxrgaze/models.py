@@ -171,11 +171,14 @@ def build_model(config: ModelConfig | None = None, variant: str = "unet") -> Gaz
             model = GazeNet(encoder, head)
     except KeyError as exc:  # smp: unknown weights name for this encoder
         raise ModelError(f"encoder {config.encoder!r}: {exc.args[0]}") from None
-    except OSError as exc:  # no network, no cache
-        raise ModelError(
-            f"could not fetch {named!r} weights for encoder {config.encoder!r} ({exc}); "
-            "pass the path of a local weights file as encoder_weights instead"
-        ) from None
+    except Exception as exc:
+        if named is None:
+            raise
+        raise ModelError(  # no network, no cache, or a hub error
+            f"could not fetch {named!r} weights for encoder {config.encoder!r} "
+            f"({type(exc).__name__}: {exc}); pass the path of a local weights file as "
+            "encoder_weights instead"
+        ) from exc
     if local:
         load_encoder_weights(model, weights)
     return model

@@ -176,18 +176,24 @@ class BatchNormInputGrad(torch.autograd.Function):
         g, x, weight, mean, invstd = ctx.saved_tensors
         need_g, need_x, need_w = ctx.needs_input_grad[:3]
         count = x.numel() // x.shape[1]
-        f32 = torch.promote_types(x.dtype, torch.float32)  # accumulate in >= float32
+        acc = torch.promote_types(x.dtype, torch.float32)  # accumulate in >= float32
 
-        def total(t: Tensor) -> Tensor:  # (C,) float32
-            return t.sum(dim=_DIMS, dtype=f32)
+        def sums(a: Tensor, b: Tensor, centre: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+            """Per channel ``sum(a * (b - centre) * scale)`` and ``sum(a)`` in one fused pass
+            (the weight and bias gradients of batch norm), without a product tensor."""
+            _, s_ab, s_a = _aten.native_batch_norm_backward(
+                a, b, None, None, None, centre, scale, True, 0.0, [False, True, True]
+            )
+            return s_ab.to(acc), s_a.to(acc)
 
-        mean32, r = mean.to(f32), invstd.to(f32)  # (C,)
-        w = weight.to(f32) if weight is not None else torch.ones_like(r)
-        sum_g, sum_v = total(g), total(v)
+        r = invstd.to(acc)  # (C,)
+        w = weight.to(acc) if weight is not None else torch.ones_like(r)
+        sum_gxh, sum_g = sums(g, x, mean, invstd)
+        sum_vxh, sum_v = sums(v, x, mean, invstd)
+        sum_vg, _ = sums(v, g, torch.zeros_like(mean), torch.ones_like(invstd))
         a = sum_g / count
-        b = r * (total(g * x) / count - mean32 * a)  # mean(g * xh)
-        sum_vxh = r * (total(v * x) - mean32 * sum_v)
-        dw = r * (total(v * g) - a * sum_v - b * sum_vxh)  # (C,)
+        b = sum_gxh / count  # mean(g * xh)
+        dw = r * (sum_vg - a * sum_v - b * sum_vxh)  # (C,)
 
         def chan(t: Tensor) -> Tensor:  # (C,) -> (1, C, 1, 1) in the activations' dtype
             return t.to(x.dtype).view(1, -1, 1, 1)
@@ -204,7 +210,7 @@ class BatchNormInputGrad(torch.autograd.Function):
                 q, x, None, None, None, mean, invstd, True, ctx.eps, [True, False, False]
             )[:1]
             coef = -dw * w * r.square() / count  # -rho * r**2 / M * xh = coef * (x - mean)
-            grad_x.addcmul_(x, chan(coef)).sub_(chan(coef * mean32))
+            grad_x.addcmul_(x, chan(coef)).sub_(chan(coef * mean.to(acc)))
         if need_w and weight is not None:
             grad_w = dw.to(weight.dtype)
         return grad_g, grad_x, grad_w, None, None, None

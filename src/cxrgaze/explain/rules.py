@@ -29,10 +29,11 @@ localisation. The plain ``grad`` rule keeps the true derivative of the gate. A s
 used as a main-path activation (not as a gate) therefore passes nothing under
 ``gbp``/``deconv``; the encoders used here use sigmoid only as SE gates.
 
-Every backward here is built from differentiable tensor ops, so with
-``create_graph=True`` the generator's map can be differentiated again with respect to
-the parameters (second order), and the true derivative is the default: the rule is
-used only while a generator's gradient call is in progress (see ``tracing.Trace``).
+Every backward here is differentiable once more (tensor ops, or a Function with its
+derivative written out), so with ``create_graph=True`` the generator's map can be
+differentiated with respect to the parameters (second order). The true derivative is
+the default: the rule is used only while a generator's gradient call is in progress
+(see ``tracing.Trace``), so a loss on the same forward gets plain gradients.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class Kind:
         raise NotImplementedError
 
     def forward_(self, x: Tensor) -> Tensor:
-        """In-place forward (only for kinds that save their output)."""
+        """In-place forward."""
         raise NotImplementedError
 
     def true_backward(self, g: Tensor, saved: Tensor) -> Tensor:
@@ -143,6 +144,9 @@ class SiLU(Kind):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.nn.functional.silu(x)
+
+    def forward_(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.silu(x, inplace=True)
 
     def true_backward(self, g: Tensor, saved: Tensor) -> Tensor:
         if not torch.is_grad_enabled():  # first order only: the fused kernel
@@ -214,25 +218,26 @@ RELU, SILU, SIGMOID = ReLU(), SiLU(), SigmoidGate()
 class RuleActivation(torch.autograd.Function):
     """The true activation forward; backward follows the trace's switch.
 
-    Inputs: ``x``, the :class:`Kind`, the trace's :class:`Switch`, and whether to work
-    in place (kinds that save their output only).
+    Inputs: ``x``; ``keep``, a copy of ``x`` to save when the activation overwrites an
+    input that its derivative needs (else ``None``); the :class:`Kind`; the trace's
+    :class:`Switch`; and whether to work in place.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, kind: Kind, switch: Switch, inplace: bool) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x, keep, kind, switch, inplace):  # type: ignore[override]
         if inplace:
             y = kind.forward_(x)
             ctx.mark_dirty(x)
         else:
             y = kind.forward(x)
         ctx.kind, ctx.switch = kind, switch
-        ctx.save_for_backward(y if kind.saves_output else x)
+        ctx.save_for_backward(y if kind.saves_output else (x if keep is None else keep))
         return y
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         (saved,) = ctx.saved_tensors
-        return ctx.kind.backward(g, saved, ctx.switch.rule), None, None, None
+        return ctx.kind.backward(g, saved, ctx.switch.rule), None, None, None, None
 
 
 def apply_rule_activation(kind: Kind, x: Tensor, switch: Switch, inplace: bool = False) -> Tensor:
@@ -240,9 +245,5 @@ def apply_rule_activation(kind: Kind, x: Tensor, switch: Switch, inplace: bool =
 
     In-place calls keep their in-place meaning: ``x`` itself holds the result afterwards.
     """
-    if not inplace:
-        return RuleActivation.apply(x, kind, switch, False)
-    if kind.saves_output:
-        return RuleActivation.apply(x, kind, switch, True)
-    # The derivative needs the input, which the in-place op overwrites: work on a copy.
-    return x.copy_(RuleActivation.apply(x.clone(), kind, switch, False))
+    keep = x.clone() if inplace and not kind.saves_output else None
+    return RuleActivation.apply(x, keep, kind, switch, inplace)
