@@ -45,6 +45,7 @@ def print_summary(root: Path = Path(".")) -> None:
         split = pd.read_csv(split_path, dtype=str)
         _section(f"split (images; patients in the last column)  ({split_path})")
         table = split.groupby(["split", "label"]).size().unstack(fill_value=0)
+        table = table[[c for c in CLASSES if c in table.columns]]
         table["patients"] = split.groupby("split")["patient_id"].nunique()
         print(table.reindex(["train", "val", "test"]).to_string())
     _print_training(outputs / "metrics")
