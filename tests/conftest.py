@@ -15,6 +15,19 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Test tensors are small: one intra-op thread is as fast, and immune to a busy machine
+    (two spinning OpenMP threads next to another busy process slow a step down many times).
+    Subprocesses that tests start keep torch's default."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tool_env() -> dict[str, str]:
     """Environment for subprocesses: this venv's tools first, git identity, no analytics."""
     env = dict(os.environ)

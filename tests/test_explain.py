@@ -17,16 +17,9 @@ from cxrgaze.explain.ops import BatchNormInputGrad
 from cxrgaze.explain.rules import SiLUBackward
 from cxrgaze.models import build_model
 
-captum_attr = pytest.importorskip("captum.attr")
+import captum.attr as captum_attr  # noqa: E402  (a test dependency: installed by `make test`)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is as fast, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- small networks ------------------------------------------------------------------
