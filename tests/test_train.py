@@ -153,3 +153,13 @@ def test_params_resolve_per_variant_overrides():
     assert (unet.loss.gamma, unet.model.dropout, unet.train.epochs) == (0.4, 0.5, 3)
     with pytest.raises(ValueError, match="unknown variant"):
         resolve_run_config(params, "set4-gbp")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_trains_on_cuda(amp, tiny_prepared, tmp_path):
+    prepared, split = tiny_prepared
+    result = train(tiny_config("set3-gbp", epochs=1, device="cuda", amp=amp), prepared, split, tmp_path, progress=False)
+    assert result.device.startswith("cuda")
+    assert np.isfinite(result.history[0]["train_loss"])
