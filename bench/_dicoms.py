@@ -9,12 +9,16 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import sys
+
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
 from cxrgaze import CLASSES
 from cxrgaze.data.schema import GAZE_COLUMNS, MASTER_SHEET_COLUMNS, mimic_relative_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import data_factory  # noqa: E402  (one DICOM writer for the tests and the benchmarks)
 
 
 def radiograph(height: int, width: int, seed: int) -> np.ndarray:
@@ -31,26 +35,10 @@ def radiograph(height: int, width: int, seed: int) -> np.ndarray:
 
 def write_dicom(path: Path, pixels: np.ndarray, syntax: str = ExplicitVRLittleEndian, photometric: str = "MONOCHROME2",
                 window: tuple[float, float] | None = None) -> None:
-    """Save ``pixels`` as a DX DICOM in ``syntax`` (compressed with ``ds.compress``)."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[str(path)])
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = pixels.tobytes()
-    if syntax != ExplicitVRLittleEndian:
-        ds.compress(syntax, pixels)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    """Save ``pixels`` as a 12-bit DX DICOM in ``syntax``: the tests' writer, at full size."""
+    tags = {"WindowCenter": window[0], "WindowWidth": window[1]} if window is not None else {}
+    data_factory.write_dicom(path, pixels, compress=None if syntax == ExplicitVRLittleEndian else syntax,
+                             photometric=photometric, **tags)
 
 
 def write_layout(root: Path, syntaxes: list[str], shape: tuple[int, int] = (3000, 2500)) -> tuple[Path, Path]:
