@@ -1,0 +1,77 @@
+"""``log_model``: the served pyfunc, with its code, config and signature, into the active run.
+
+The logged model is "models from code" (``model_code.py``) and carries the ``cxrgaze``
+package itself (``code_paths``), so the preprocessing that serves a model is the code it
+was logged with, and ``mlflow models serve --env-manager local`` needs only the
+third-party libraries, which the model lists as exact pins of the versions installed when
+it was logged (no requirement inference: no extra load of the model at logging).
+"""
+
+from __future__ import annotations
+
+import base64
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+from cxrgaze import CLASSES
+from cxrgaze.config import DataConfig
+from cxrgaze.serving.model import (ARTIFACT_CHECKPOINT, ARTIFACT_CONFIG, INPUT_COLUMN, default_heatmap, output_columns,
+                                   write_config)
+from cxrgaze.serving.preprocess import Limits
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+"""The ``cxrgaze`` package folder, logged with the model as its code."""
+MODEL_CODE = Path(__file__).with_name("model_code.py")
+
+SERVING_REQUIREMENTS: tuple[str, ...] = (
+    "mlflow", "torch", "torchvision", "segmentation-models-pytorch", "timm", "grad-cam", "pydicom", "pylibjpeg",
+    "pylibjpeg-openjpeg", "pylibjpeg-libjpeg", "pylibjpeg-rle", "numpy", "pandas", "pillow", "pyyaml", "scipy",
+    "scikit-learn", "tqdm",
+)
+"""Distributions the served model imports (directly or through ``cxrgaze``)."""
+
+
+def signature(data_config: DataConfig, has_decoder: bool, classes: tuple[str, ...] = CLASSES) -> ModelSignature:
+    """Input ``image`` (string), params ``heatmap`` and ``heatmap_size``, the output columns."""
+    outputs = [ColSpec(DataType.double, name) for name in output_columns(classes)[:-2]]
+    outputs += [ColSpec(DataType.string, "label"), ColSpec(DataType.string, "heatmap")]
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.string, INPUT_COLUMN)]),
+        outputs=Schema(outputs),
+        params=ParamSchema([ParamSpec("heatmap", DataType.string, default_heatmap(has_decoder)),
+                            ParamSpec("heatmap_size", DataType.long, data_config.image_size)]),
+    )
+
+
+def log_model(checkpoint: Path, data_config: DataConfig, input_example: bytes, name: str = "model",
+              limits: Limits = Limits()) -> ModelInfo:
+    """Log the served model of ``checkpoint`` into the active MLflow run; register ``.model_uri``.
+
+    ``data_config`` must be the one ``prepare`` used for the training arrays (it drives the
+    served preprocessing); ``input_example`` is the bytes of a real DICOM, logged base64
+    as the model's input example; ``limits`` bound each served image (overridable where
+    the model runs, see :class:`~cxrgaze.serving.preprocess.Limits`).
+    """
+    from cxrgaze.train import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    has_decoder = ckpt["config"]["train"]["variant"] != "baseline"
+    example = pd.DataFrame({INPUT_COLUMN: [base64.b64encode(input_example).decode("ascii")]})
+    with tempfile.TemporaryDirectory(prefix="cxrgaze-serving-") as tmp:
+        config = write_config(Path(tmp) / "serving_config.json", data_config, CLASSES, limits)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(MODEL_CODE),
+            artifacts={ARTIFACT_CHECKPOINT: str(checkpoint), ARTIFACT_CONFIG: str(config)},
+            code_paths=[str(PACKAGE_DIR)],
+            signature=signature(data_config, has_decoder),
+            input_example=example,
+            pip_requirements=[f"{dist}=={version(dist)}" for dist in SERVING_REQUIREMENTS],
+        )
