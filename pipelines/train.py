@@ -1,7 +1,12 @@
 """DVC stage `train@<variant>`: train one variant, keep its checkpoints.
 
-Usage (from dvc.yaml): python pipelines/train.py VARIANT PREPARED_DIR SPLIT_CSV OUT_DIR METRICS_JSON
-Reads params.yaml: model, loss, train, variants.
+Usage (from dvc.yaml):
+  python pipelines/train.py VARIANT PREPARED_DIR SPLIT_CSV TUNED_YAML OUT_DIR METRICS_JSON
+Reads params.yaml: model, loss, train, variants; TUNED_YAML (the `tune` stage's output) may
+override them for VARIANT (set 3's tuned alpha).
+
+The run is tracked in MLflow (experiment `cxrgaze`, run name = variant); OUT_DIR/run.json
+carries its id to the later stages.
 
 OUT_DIR is a persistent DVC output so that a killed `dvc repro` resumes the unfinished run
 from its last epoch. A finished run (OUT_DIR/metrics.json present) or one written with
@@ -19,11 +24,14 @@ from _common import PARAMS, run_stage  # noqa: E402
 
 def main() -> None:
     from cxrgaze.config import load_params
-    from cxrgaze.train import load_checkpoint, resolve_run_config, train
+    from cxrgaze.experiment import train_tracked
+    from cxrgaze.train import load_checkpoint, resolve_run_config
+    from cxrgaze.tune import load_tuned, merge_overrides
 
-    variant, prepared, split_csv, out_dir, metrics_json = sys.argv[1:6]
+    variant, prepared, split_csv, tuned, out_dir, metrics_json = sys.argv[1:7]
     out = Path(out_dir)
-    config = resolve_run_config(load_params(PARAMS), variant, where=str(PARAMS))
+    params = merge_overrides(load_params(PARAMS), load_tuned(tuned, variant), variant)
+    config = resolve_run_config(params, variant, where=f"{PARAMS} + {tuned}")
     last = out / "last.pt"
     if (out / "metrics.json").exists():
         print(f"{out}: discarding a finished earlier run")
@@ -39,11 +47,12 @@ def main() -> None:
         else:
             print(f"{out}: discarding an interrupted run with another config")
             shutil.rmtree(out)
-    result = train(config, prepared, split_csv, out)
+    result, run_id = train_tracked(config, prepared, split_csv, out)
     Path(metrics_json).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(out / "metrics.json", metrics_json)
     shutil.copyfile(out / "history.csv", Path(metrics_json).with_suffix(".history.csv"))
-    print(f"{variant}: best epoch {result.best_epoch + 1}, val macro AUC {result.best.get('val_auc_macro', float('nan')):.4f}")
+    print(f"{variant}: best epoch {result.best_epoch + 1}, val macro AUC "
+          f"{result.best.get('val_auc_macro', float('nan')):.4f}, MLflow run {run_id}")
 
 
 if __name__ == "__main__":

@@ -84,3 +84,32 @@ def tiny_prepared(tmp_path_factory) -> tuple[Path, Path]:
             DataConfig(image_size=32, gaze_sigma=7, workers=1), progress=False)
     write_split(prepared / "manifest.csv", root / "split.csv")
     return prepared, root / "split.csv"
+
+
+@pytest.fixture(scope="session")
+def _migrated_mlflow_db(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, migrated once per session (migrations take seconds)."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    root = tmp_path_factory.mktemp("mlflow-template")
+    SqlAlchemyStore(f"sqlite:///{root / 'mlflow.db'}", str(root / "mlruns")).engine.dispose()
+    return root / "mlflow.db"
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch, _migrated_mlflow_db) -> str:
+    """A fresh SQLite tracking + registry store in ``tmp_path`` (also the working directory,
+    so artifacts land in ``tmp_path/mlruns``); returns its URI."""
+    import mlflow
+
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(_migrated_mlflow_db, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    mlflow.set_tracking_uri(uri)  # the registry follows the tracking URI
+    yield uri
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)

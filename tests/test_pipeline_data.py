@@ -80,6 +80,7 @@ def test_repro_of_train_unet_writes_checkpoints_and_metrics(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["model"].update({"encoder": "tu-tinynet_e", "decoder_channels": [32, 16, 16, 8, 8]})
     params["train"].update({"epochs": 1, "device": "cpu"})
+    params["tune"].update({"variants": ["set3-gbp"], "n_trials": 1, "epochs": 1})  # tune runs first: keep it tiny
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(["dvc", "repro", "train@unet"], repo).stdout
     assert "Running stage 'train@unet'" in out

@@ -19,6 +19,13 @@ def test_params_files_resolve(path):
     for variant in VARIANTS:
         config = resolve_run_config(params, variant, where=path)
         assert config.train.variant == variant
+    from cxrgaze.evaluate import EvalConfig
+    from cxrgaze.registry import RegisterConfig
+    from cxrgaze.tune import tune_config
+
+    from_mapping(EvalConfig, params["evaluate"])
+    from_mapping(RegisterConfig, params["register"])
+    assert set(tune_config(params, where=path).variants) <= set(VARIANTS)
 
 
 def test_paper_profile_has_the_reference_settings():

@@ -64,6 +64,7 @@ def cmd_split(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from cxrgaze.config import VARIANTS
+    from cxrgaze.experiment import train_tracked
     from cxrgaze.train import resolve_run_config, train
 
     params = load_params(args.params) if args.params else {}
@@ -75,9 +76,95 @@ def cmd_train(args: argparse.Namespace) -> None:
     for variant in variants:
         config = resolve_run_config(params, variant, where=args.params or "defaults")
         out = Path(args.out) / variant if args.variant == "all" else Path(args.out)
-        result = train(config, args.prepared, args.split, out, progress=not args.quiet, resume=not args.no_resume)
+        if args.no_track:
+            result, where = train(config, args.prepared, args.split, out, progress=not args.quiet,
+                                  resume=not args.no_resume), ""
+        else:
+            result, run_id = train_tracked(config, args.prepared, args.split, out, progress=not args.quiet,
+                                           resume=not args.no_resume)
+            where = f", MLflow run {run_id}"
         print(f"{variant}: best epoch {result.best_epoch + 1}/{config.train.epochs}, "
-              + ", ".join(f"{k}={v:.4f}" for k, v in result.best.items() if k.startswith("val_auc")) + f"  -> {out}")
+              + ", ".join(f"{k}={v:.4f}" for k, v in result.best.items() if k.startswith("val_auc")) + f"  -> {out}{where}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from cxrgaze.evaluate import EvalConfig, evaluate
+    from cxrgaze.experiment import evaluate_tracked
+
+    values = _params_section(args.params, "evaluate")
+    if args.resamples is not None:
+        values["n_resamples"] = args.resamples
+    config = from_mapping(EvalConfig, values, where=f"{args.params}: evaluate" if args.params else "evaluate")
+    train_dir = Path(args.train_dir)
+    if args.no_track:
+        result = evaluate(train_dir / "best.pt", args.prepared, args.split, args.out, config,
+                          history_csv=train_dir / "history.csv", progress=not args.quiet)
+        where = ""
+    else:
+        result, run_id, model_uri = evaluate_tracked(train_dir, args.prepared, args.split, args.dicom_dir, args.out,
+                                                     config, progress=not args.quiet)
+        where = f"; MLflow run {run_id}, model {model_uri}"
+    m = result.metrics
+    print(f"{result.variant}: test macro AUC {m['test_auc_macro']:.3f} [{m['test_auc_macro_ci95_low']:.3f}, "
+          f"{m['test_auc_macro_ci95_high']:.3f}], val macro AUC {m['val_auc_macro']:.3f} -> {args.out}{where}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from cxrgaze.report import build_report, write_report
+
+    params = load_params(args.params) if args.params else {}
+    variants = args.variants or list(params.get("variants") or {}) or sorted(
+        p.name for p in Path(args.eval_root).iterdir() if (p / "metrics.json").exists())
+    evaluate_params = params.get("evaluate") or {}
+    report = build_report(args.eval_root, variants, n_resamples=int(evaluate_params.get("n_resamples", 2000)),
+                          seed=int(evaluate_params.get("seed", 0)))
+    paths = write_report(report, args.out)
+    print(paths["markdown"].read_text())
+
+
+def cmd_register(args: argparse.Namespace) -> None:
+    from cxrgaze.experiment import register_evaluated
+
+    params = load_params(args.params) if args.params else {}
+    variants = args.variants or list(params.get("variants") or {})
+    register = dict(params.get("register") or {})
+    if args.min_delta is not None:
+        register["min_delta"] = args.min_delta
+    decision = register_evaluated(args.eval_root, variants, args.prepared, args.split, args.dicom_dir, register,
+                                  where=f"{args.params}: register" if args.params else "register")
+    print(f"registered: {decision.versions}; champion: v{decision.champion_version}; {decision.reason}")
+    for variant, why in decision.skipped.items():
+        print(f"not registered: {variant}: {why}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    import json
+
+    from cxrgaze.serving.predict import predict_files
+
+    failed = 0
+    for result in predict_files(args.files, args.model, args.out, args.heatmap, args.heatmap_size):
+        failed += "error" in result
+        print(json.dumps(result), flush=True)
+    if failed:
+        raise ValueError(f"{failed} of {len(args.files)} files could not be predicted (see their `error`)")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from cxrgaze.serving.serve import serve
+
+    serve(args.model, args.host, args.port, args.workers)
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from cxrgaze.tune import tune_config, tune_variants, write_best
+
+    params = load_params(args.params)
+    cfg = tune_config(params, where=args.params, storage=args.storage, n_trials=args.n_trials,
+                      workers=args.workers, seed=args.seed)
+    variants = cfg.variants if args.variant == "all" else (args.variant,)
+    results = tune_variants(params, cfg, variants, args.prepared, args.split)
+    print(f"tuned overrides -> {write_best(args.out, params.get('variants') or {}, results)}")
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
@@ -140,7 +227,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing last.pt (its folder is overwritten)")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = add("evaluate", cmd_evaluate, "Evaluate a trained model: AUCs with bootstrap CIs, heatmaps vs gaze, figures; "
+            "logged into its MLflow run with the servable model.")
+    p.add_argument("--train-dir", required=True, help="folder written by `cxrgaze train` (best.pt, history.csv, run.json)")
+    p.add_argument("--out", required=True, help="output folder (metrics.json, predictions.csv, saliency.csv, figures/)")
+    p.add_argument("--prepared", default="outputs/prepared", help="folder written by prepare (default outputs/prepared)")
+    p.add_argument("--split", default="outputs/split.csv", help="split table (default outputs/split.csv)")
+    p.add_argument("--dicom-dir", default="data/mimic-cxr", help="MIMIC-CXR root (an input example for the logged model)")
+    p.add_argument("--params", default=None, help="read the `evaluate` section of this params.yaml")
+    p.add_argument("--resamples", type=int, default=None, help="percentile-bootstrap resamples (default 2000)")
+    p.add_argument("--no-track", action="store_true", help="only write files; no MLflow run, no logged model")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = add("report", cmd_report, "The paper's tables for evaluated variants, with paired tests against unet and baseline.")
+    p.add_argument("--eval-root", default="outputs/eval", help="folder with one evaluate output per variant")
+    p.add_argument("--out", default="reports", help="output folder (results.md, results.json, paired.csv)")
+    p.add_argument("--params", default=None, help="params.yaml: variant order and evaluate settings")
+    p.add_argument("--variants", nargs="+", default=None, help="variants to include (default: all evaluated)")
+
+    p = add("register", cmd_register, "Register evaluated models in the MLflow registry; move `champion` by validation AUC.")
+    p.add_argument("--eval-root", default="outputs/eval", help="folder with one evaluate output per variant")
+    p.add_argument("--prepared", default="outputs/prepared")
+    p.add_argument("--split", default="outputs/split.csv")
+    p.add_argument("--dicom-dir", default="data/mimic-cxr", help="to re-evaluate the champion when the data changed")
+    p.add_argument("--params", default=None, help="params.yaml: register section and variant list")
+    p.add_argument("--variants", nargs="+", default=None)
+    p.add_argument("--min-delta", type=float, default=None, help="validation AUC gain needed to move the champion")
+
+    p = add("predict", cmd_predict, "Diagnose image files (DICOM, PNG, JPEG) with the served model, offline: "
+            "a JSON line per file and an overlay PNG per file.")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--model", default="models:/cxrgaze@champion",
+                   help="model URI or local model folder (default models:/cxrgaze@champion)")
+    p.add_argument("--out", default=None, help="folder for the overlay PNGs (none written without it)")
+    p.add_argument("--heatmap", choices=("mask", "gbp", "gradcam", "none"), default=None,
+                   help="heatmap (default: mask for a U-Net, gbp for the baseline)")
+    p.add_argument("--heatmap-size", type=int, default=None, help="heatmap side in pixels (default: the model's input size)")
+
+    p = add("serve", cmd_serve, "Serve the registered champion over HTTP (mlflow models serve, --env-manager local).")
+    p.add_argument("--model", default="models:/cxrgaze@champion", help="model URI (default models:/cxrgaze@champion)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; the server has no authentication)")
+    p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    p.add_argument("--workers", type=int, default=None, help="server worker processes (default: MLflow's, 1)")
+
+    p = add("tune", cmd_tune, "Tune set 3's alpha (and the rest of params.yaml tune.space) with Optuna; "
+            "write the best values as per-variant overrides.")
+    from cxrgaze.config import VARIANTS
+
+    p.add_argument("--variant", required=True, choices=[v for v in VARIANTS if v.startswith("set3-")] + ["all"],
+                   help="a set-3 variant, or all (those of tune.variants)")
+    p.add_argument("--params", default="params.yaml", help="read tune/model/loss/train/variants from this file (default params.yaml)")
+    p.add_argument("--prepared", default="outputs/prepared", help="folder written by prepare (default outputs/prepared)")
+    p.add_argument("--split", default="outputs/split.csv", help="split table (default outputs/split.csv)")
+    p.add_argument("--storage", default=None, help="Optuna storage: sqlite:///FILE, journal:FILE (several workers, one "
+                   "machine) or postgresql+psycopg2://USER:PASSWORD@HOST/DB (several machines); default tune.storage")
+    p.add_argument("--n-trials", type=int, default=None, help="total trials wanted per study (a rerun adds the missing ones)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes on this machine (not with SQLite)")
+    p.add_argument("--seed", type=int, default=None, help="TPE seed (default tune.seed); each trial is sampled with a seed from it and the trial number")
+    p.add_argument("--out", default="outputs/tune/best.yaml", help="tuned overrides to write (default outputs/tune/best.yaml)")
 
     p = add("summary", cmd_summary, "Print what the pipeline produced and how to browse it.")
     p.add_argument("--root", default=".", help="project folder (default: .)")

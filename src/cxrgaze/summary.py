@@ -49,7 +49,26 @@ def print_summary(root: Path = Path(".")) -> None:
         table["patients"] = split.groupby("split")["patient_id"].nunique()
         print(table.reindex(["train", "val", "test"]).to_string())
     _print_training(outputs / "metrics")
-    print("\nBrowse with: dvc metrics show | dvc plots show | dvc params diff")
+    _print_results(root / "reports" / "results.md", outputs / "register.json")
+    print("\nBrowse the runs, figures and registered models in MLflow:\n"
+          "  .venv/bin/mlflow ui --host 127.0.0.1 --port 5000    # then open http://127.0.0.1:5000\n"
+          "Compare stages and parameters with DVC:\n"
+          "  .venv/bin/dvc metrics show | .venv/bin/dvc plots show | .venv/bin/dvc params diff")
+
+
+def _print_results(results_md: Path, register_json: Path) -> None:
+    """The report's classification and paired tables, and the registry's decision."""
+    if results_md.exists():
+        _section(f"results  ({results_md}: the full report, heatmap tables included)")
+        text = results_md.read_text()
+        cut = text.find("## Heatmaps")
+        print((text[:cut] if cut >= 0 else text).split("\n", 2)[-1].rstrip())
+    if register_json.exists():
+        decision = json.loads(register_json.read_text())
+        _section(f"model registry  ({register_json})")
+        print(f"champion: cxrgaze v{decision.get('champion_version')} - {decision.get('reason')}")
+        for variant, why in (decision.get("skipped") or {}).items():
+            print(f"not registered: {variant}: {why}")
 
 
 def _print_training(metrics_dir: Path) -> None:

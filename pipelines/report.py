@@ -1,0 +1,33 @@
+"""DVC stage `report`: every variant side by side, with paired tests against unet and baseline.
+
+Usage (from dvc.yaml): python pipelines/report.py EVAL_ROOT OUT_DIR
+Reads params.yaml: variants (which and in what order), evaluate (resamples, seed).
+Writes OUT_DIR/results.md, results.json (for `dvc metrics show`), paired.csv, and logs the
+paired differences into each variant's MLflow run.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import PARAMS, run_stage  # noqa: E402
+
+
+def main() -> None:
+    from cxrgaze.config import from_mapping, load_params
+    from cxrgaze.evaluate import EvalConfig
+    from cxrgaze.experiment import log_report
+    from cxrgaze.report import build_report, write_report
+
+    eval_root, out_dir = sys.argv[1:3]
+    params = load_params(PARAMS)
+    config = from_mapping(EvalConfig, params.get("evaluate"), where=f"{PARAMS}: evaluate")
+    report = build_report(eval_root, list(params.get("variants") or {}), n_resamples=config.n_resamples,
+                          seed=config.seed)
+    paths = write_report(report, out_dir)
+    log_report(report, eval_root, paths)
+    print(paths["markdown"].read_text())
+
+
+if __name__ == "__main__":
+    run_stage("report", main)

@@ -1,0 +1,222 @@
+"""The model registry: register evaluated models, move the ``champion`` alias by AUC.
+
+Rules (:func:`register_and_promote`):
+
+* Every evaluated model becomes a version of the registered model (``cxrgaze``) with tags
+  for its variant, AUCs, data version, validation set, run id and model URI. A model
+  already registered (same logged-model URI) is not registered twice.
+* Only a run that ended FINISHED *and* was evaluated (tag ``cxrgaze.evaluated=true``) can
+  be registered or promoted: a failed or incomplete run is reported and skipped.
+* The best candidate by validation macro AUC (ties: the first in the variant order)
+  takes the ``champion`` alias only when it beats the current champion by more than
+  ``min_delta``. The champion's score is the one recorded for the same data version and
+  validation set; when the data changed, the champion is first re-evaluated on the new
+  validation cases (through its own served preprocessing) and that score is used.
+* The decision and its reason are written on the candidate versions as tags
+  (``cxrgaze.decision``); running it again with nothing new moves nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from cxrgaze.config import ConfigError
+
+EVALUATED_TAG = "cxrgaze.evaluated"
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """``params.yaml: register``."""
+
+    model_name: str = "cxrgaze"
+    alias: str = "champion"
+    min_delta: float = 0.0
+    """The champion moves only when a candidate's validation macro AUC is higher by more than this."""
+    metric: str = "val_auc_macro"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_delta < 1.0:
+            raise ConfigError(f"register.min_delta must be in [0, 1), got {self.min_delta}")
+        if not self.model_name or not self.alias:
+            raise ConfigError("register.model_name and register.alias must not be empty")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An evaluated model: its variant, MLflow run and logged-model URI."""
+
+    variant: str
+    run_id: str
+    model_uri: str
+
+
+@dataclass
+class Decision:
+    """What :func:`register_and_promote` did."""
+
+    champion_version: str | None
+    promoted: bool
+    reason: str
+    versions: dict[str, str] = field(default_factory=dict)
+    """Variant -> registered version number."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Variant -> why it was not registered."""
+
+    def to_json(self) -> dict:
+        return {"champion_version": self.champion_version, "promoted": self.promoted, "reason": self.reason,
+                "versions": self.versions, "skipped": self.skipped}
+
+
+def validation_set_id(dicom_ids: list[str]) -> str:
+    """A short fingerprint of the validation cases (scores compare only on the same set)."""
+    return hashlib.sha1("\n".join(sorted(dicom_ids)).encode()).hexdigest()[:12]
+
+
+def _score_key(data_version: str, val_set: str) -> str:
+    return f"cxrgaze.score.{data_version[:12]}.{val_set}"
+
+
+def register_and_promote(
+    candidates: list[Candidate],
+    data_version: str,
+    val_set: str,
+    reevaluate: Callable[[ModelVersion], float],
+    config: RegisterConfig | None = None,
+) -> Decision:
+    """Register ``candidates`` and decide the champion (see the module docstring).
+
+    ``reevaluate(version)`` returns the validation macro AUC of a registered version on
+    the current data; it is called only for a champion scored on other data.
+    """
+    cfg = config or RegisterConfig()
+    client = MlflowClient()
+    try:
+        client.create_registered_model(cfg.model_name, description="cxrgaze chest X-ray classifiers")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    decision = Decision(champion_version=None, promoted=False, reason="")
+    scored: list[tuple[float, ModelVersion, str]] = []
+    for cand in candidates:
+        run = client.get_run(cand.run_id)
+        score = run.data.metrics.get(cfg.metric)
+        if run.info.status != "FINISHED" or run.data.tags.get(EVALUATED_TAG) != "true":
+            decision.skipped[cand.variant] = (f"run {cand.run_id} is {run.info.status}"
+                                              f"{'' if run.data.tags.get(EVALUATED_TAG) == 'true' else ', not evaluated'}")
+            continue
+        if score is None or not math.isfinite(score):
+            decision.skipped[cand.variant] = f"run {cand.run_id} has no finite {cfg.metric}"
+            continue
+        version = _find_version(client, cfg.model_name, cand) or _register(client, cfg, cand, run, data_version,
+                                                                             val_set)
+        client.set_model_version_tag(cfg.model_name, version.version, _score_key(data_version, val_set), str(score))
+        decision.versions[cand.variant] = str(version.version)
+        scored.append((score, version, cand.variant))
+    if not scored:
+        decision.reason = "no finished, evaluated run to register"
+        decision.champion_version = _current(client, cfg)
+        return decision
+
+    best_score, best, best_variant = max(scored, key=lambda t: t[0])  # max keeps the first of equal scores
+    current = _champion(client, cfg)
+    if current is None:
+        decision.promoted = True
+        decision.reason = f"first champion: {best_variant} v{best.version}, {cfg.metric} {best_score:.4f}"
+    elif str(current.version) == str(best.version):
+        decision.reason = f"v{best.version} ({best_variant}) is already the champion"
+    else:
+        champion_score = _champion_score(client, cfg, current, data_version, val_set, reevaluate)
+        if best_score > champion_score + cfg.min_delta:
+            decision.promoted = True
+            decision.reason = (f"{best_variant} v{best.version} {cfg.metric} {best_score:.4f} beats champion "
+                               f"v{current.version} ({champion_score:.4f}) by more than min_delta {cfg.min_delta}")
+        else:
+            decision.reason = (f"best candidate {best_variant} v{best.version} {cfg.metric} {best_score:.4f} does not "
+                               f"beat champion v{current.version} ({champion_score:.4f}) by more than "
+                               f"min_delta {cfg.min_delta}")
+    if decision.promoted:
+        client.set_registered_model_alias(cfg.model_name, cfg.alias, best.version)
+    decision.champion_version = _current(client, cfg)
+    for _, version, variant in scored:
+        note = decision.reason if version.version == best.version else (
+            f"not the best candidate of this run ({best_variant} v{best.version}); {decision.reason}")
+        client.set_model_version_tag(cfg.model_name, version.version, "cxrgaze.decision", note[:5000])
+    return decision
+
+
+def _register(client: MlflowClient, cfg: RegisterConfig, cand: Candidate, run, data_version: str,
+              val_set: str) -> ModelVersion:
+    metrics = run.data.metrics
+    tags = {"cxrgaze.variant": cand.variant, "cxrgaze.run_id": cand.run_id, "cxrgaze.model_uri": cand.model_uri,
+            "cxrgaze.data_version": data_version, "cxrgaze.val_set": val_set}
+    for key in (cfg.metric, "val_auc_macro", "test_auc_macro", "test_auc_macro_ci95_low", "test_auc_macro_ci95_high"):
+        if key in metrics:
+            tags[f"cxrgaze.{key}"] = f"{metrics[key]:.6f}"
+    return mlflow.register_model(cand.model_uri, cfg.model_name, tags=tags)
+
+
+def _find_version(client: MlflowClient, name: str, cand: Candidate) -> ModelVersion | None:
+    for version in client.search_model_versions(f"name='{name}' and run_id='{cand.run_id}'"):
+        if version.tags.get("cxrgaze.model_uri") == cand.model_uri:
+            return version
+    return None
+
+
+def _champion(client: MlflowClient, cfg: RegisterConfig) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(cfg.model_name, cfg.alias)
+    except MlflowException:
+        return None
+
+
+def _current(client: MlflowClient, cfg: RegisterConfig) -> str | None:
+    champion = _champion(client, cfg)
+    return str(champion.version) if champion is not None else None
+
+
+def _champion_score(client: MlflowClient, cfg: RegisterConfig, champion: ModelVersion, data_version: str,
+                    val_set: str, reevaluate: Callable[[ModelVersion], float]) -> float:
+    """The champion's score on this data version and validation set (re-evaluated once if needed)."""
+    key = _score_key(data_version, val_set)
+    if key in champion.tags:
+        return float(champion.tags[key])
+    score = float(reevaluate(champion))
+    client.set_model_version_tag(cfg.model_name, champion.version, key, str(score))
+    client.set_model_version_tag(cfg.model_name, champion.version, "cxrgaze.reevaluated",
+                                 f"{cfg.metric} {score:.4f} on data {data_version[:12]}, val set {val_set}")
+    return score
+
+
+def val_auc_of_model(model_uri: str, prepared_dir, split_csv, dicom_dir, batch_size: int = 16) -> float:
+    """Validation macro AUC of a logged/registered model on the current data, computed the way
+    it is served: raw DICOM bytes through the model's own preprocessing."""
+    import base64
+    from pathlib import Path
+
+    import numpy as np
+    import pandas as pd
+
+    from cxrgaze import CLASSES
+    from cxrgaze.metrics import auc_summary
+
+    manifest = pd.read_csv(Path(prepared_dir) / "manifest.csv", dtype=str).set_index("dicom_id")
+    split = pd.read_csv(split_csv, dtype=str)
+    val = split[split["split"] == "val"]
+    model = mlflow.pyfunc.load_model(model_uri)
+    probs = []
+    for start in range(0, len(val), batch_size):
+        ids = val["dicom_id"].iloc[start:start + batch_size]
+        images = [base64.b64encode((Path(dicom_dir) / manifest.loc[i, "path"]).read_bytes()).decode() for i in ids]
+        out = model.predict(pd.DataFrame({"image": images}), params={"heatmap": "none"})
+        probs.append(out[[f"prob_{c}" for c in CLASSES]].to_numpy(np.float64))
+    y = val["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    return auc_summary(y, np.concatenate(probs))["auc_macro"]

@@ -1,0 +1,195 @@
+"""MLflow tracking: one run per trained model, found again by its id.
+
+Where runs go: ``MLFLOW_TRACKING_URI`` when set (a server, a database, anything MLflow
+takes), else MLflow's default, ``sqlite:///mlflow.db`` in the working directory with
+artifacts under ``./mlruns``, so plain ``mlflow ui`` in the repository root shows
+everything.
+
+A training run is opened by the ``train`` stage and its id written into the stage's
+output (``run.json``); ``evaluate``, ``report`` and ``register`` open the same run again by
+that id. Because the id travels with the outputs, it also works when DVC restores a stage
+from its run cache and the command itself does not run. The training callback
+(:class:`EpochLogger`) logs each epoch's record, so the train loop knows nothing of MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import mlflow
+import yaml
+from mlflow.tracking import MlflowClient
+
+EXPERIMENT = "cxrgaze"
+"""The MLflow experiment of every cxrgaze run (overridable with ``MLFLOW_EXPERIMENT_NAME``)."""
+
+RUN_FILE = "run.json"
+"""Name of the file, inside a stage's output folder, that carries the MLflow run id."""
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be reached or does not hold the run an output names."""
+
+
+def set_experiment(name: str | None = None) -> str:
+    """Select (creating if needed) the cxrgaze experiment; returns its id.
+
+    ``MLFLOW_EXPERIMENT_NAME`` wins over ``name``, so a user can point a pipeline at
+    another experiment without editing anything.
+    """
+    import os
+
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or name or EXPERIMENT
+    try:
+        return mlflow.set_experiment(name).experiment_id
+    except Exception as exc:  # noqa: BLE001 - any store failure is one user-facing reason
+        raise TrackingError(f"MLflow tracking store {mlflow.get_tracking_uri()}: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200]}") from exc
+
+
+def data_version(root: str | Path = ".") -> str | None:
+    """The data version: the md5 that ``data.dvc`` records for ``data/`` (None without one)."""
+    path = Path(root) / "data.dvc"
+    if not path.exists():
+        return None
+    try:
+        outs = yaml.safe_load(path.read_text()).get("outs") or []
+    except (yaml.YAMLError, AttributeError):
+        return None
+    return str(outs[0].get("md5")) if outs and outs[0].get("md5") else None
+
+
+def git_commit(root: str | Path = ".") -> str | None:
+    """``HEAD``'s commit, with ``-dirty`` when tracked files differ from it (None outside git)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that decide a result."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("cxrgaze", "torch", "segmentation-models-pytorch", "timm", "mlflow", "pydicom", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def run_tags(variant: str | None = None, device: str | None = None, root: str | Path = ".",
+             data_hash: str | None = None) -> dict[str, str]:
+    """The tags every cxrgaze run carries: variant, device, git commit, data version, versions.
+
+    ``data_hash`` overrides the ``data.dvc`` lookup (e.g. the hash recorded by ``prepare``).
+    """
+    tags = {"cxrgaze.variant": variant, "cxrgaze.device": device, "mlflow.source.git.commit": git_commit(root),
+            "cxrgaze.data_version": data_hash or data_version(root)}
+    tags.update({f"cxrgaze.version.{k}": v for k, v in library_versions().items()})
+    return {k: str(v) for k, v in tags.items() if v is not None}
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"model": {"encoder": "x"}}`` -> ``{"model.encoder": "x"}`` (MLflow params are flat strings)."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, prefix=f"{name}."))
+        else:
+            out[name] = str(value)
+    return out
+
+
+def finite_metrics(values: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric, finite entries of a record (MLflow rejects NaN in some stores; they mean "undefined")."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+class EpochLogger:
+    """Training callback: logs each epoch's numeric record at ``step = epoch``.
+
+    Logs into ``run_id`` through the client (safe when several runs are active, as in an
+    Optuna study), or into the active run when ``run_id`` is None.
+    """
+
+    def __init__(self, run_id: str | None = None, prefix: str = "") -> None:
+        self.run_id = run_id
+        self.prefix = prefix
+
+    def on_epoch_end(self, record: dict[str, Any]) -> None:
+        step = int(record.get("epoch", 0))
+        metrics = {f"{self.prefix}{k}": v for k, v in finite_metrics(record).items() if k != "epoch"}
+        if self.run_id is None:
+            mlflow.log_metrics(metrics, step=step)
+        else:
+            from mlflow.entities import Metric
+            import time
+
+            now = int(time.time() * 1000)
+            MlflowClient().log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+
+
+def write_run_file(out_dir: str | Path, **fields: Any) -> Path:
+    """Write (or update) ``out_dir/run.json`` with the run id and whatever else later stages need."""
+    path = Path(out_dir) / RUN_FILE
+    current = read_run_file(out_dir) if path.exists() else {}
+    current.update({k: v for k, v in fields.items() if v is not None})
+    current.setdefault("tracking_uri", mlflow.get_tracking_uri())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_run_file(out_dir: str | Path) -> dict[str, Any]:
+    """The fields of ``out_dir/run.json`` (a clear error when it is missing or damaged)."""
+    path = Path(out_dir) / RUN_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no MLflow run file (run the train stage first)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict) or not data.get("run_id"):
+        raise ValueError(f"{path}: has no run_id")
+    return data
+
+
+def run_exists(run_id: str) -> bool:
+    """Whether the current tracking store holds ``run_id`` (not deleted)."""
+    try:
+        return MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
+    except mlflow.exceptions.MlflowException:
+        return False
+
+
+@contextmanager
+def resumed_run(run_id: str) -> Iterator[mlflow.ActiveRun]:
+    """Re-open an existing run; it ends FINISHED, or FAILED when the block raises
+    (KILLED on Ctrl-C), like ``mlflow.start_run``."""
+    if not run_exists(run_id):
+        raise TrackingError(f"MLflow run {run_id} is not in the tracking store {mlflow.get_tracking_uri()} "
+                            "(was mlflow.db deleted or MLFLOW_TRACKING_URI changed?)")
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run

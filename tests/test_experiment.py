@@ -1,0 +1,105 @@
+"""Training and evaluation as MLflow runs, in a temporary SQLite store."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cxrgaze.evaluate import EvalConfig
+from cxrgaze.experiment import evaluate_tracked, train_tracked
+from cxrgaze.registry import val_auc_of_model
+from cxrgaze.tracking import read_run_file
+from cxrgaze.train import resolve_run_config
+
+pytestmark = pytest.mark.timeout(300)
+
+FAST = {"model": {"encoder": "tu-tinynet_e"}, "train": {"epochs": 2, "batch_size": 16, "lr": 0.003}}
+
+
+class _Stop:
+    """A callback that fails the run after epoch ``at`` (a real exception inside training)."""
+
+    def __init__(self, at: int, exc: type[BaseException]) -> None:
+        self.at, self.exc = at, exc
+
+    def on_epoch_end(self, record):
+        if record["epoch"] == self.at:
+            raise self.exc(f"stopped after epoch {self.at}")
+
+
+def test_training_and_evaluation_land_in_one_run(tiny_prepared, mlflow_store, tmp_path):
+    prepared, split = tiny_prepared
+    config = resolve_run_config(FAST, "unet")
+    result, run_id = train_tracked(config, prepared, split, tmp_path / "train", progress=False)
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "unet"
+    assert client.get_experiment(run.info.experiment_id).name == "cxrgaze"
+    assert run.data.params["model.encoder"] == "tu-tinynet_e"
+    assert run.data.params["loss.gamma"] == str(config.loss.gamma)
+    assert run.data.params["data.image_size"] == "32"
+    assert run.data.tags["cxrgaze.variant"] == "unet" and run.data.tags["cxrgaze.device"] == "cpu"
+    assert run.data.tags["cxrgaze.version.torch"]
+    history = client.get_metric_history(run_id, "epoch_val_auc_macro")
+    assert [m.step for m in history] == [0, 1]
+    assert run.data.metrics["best_val_auc_macro"] == pytest.approx(result.best["val_auc_macro"])
+    assert read_run_file(tmp_path / "train")["run_id"] == run_id
+
+    dicom_dir = prepared.parent / "data" / "mimic-cxr"
+    evaluation, eval_run, model_uri = evaluate_tracked(tmp_path / "train", prepared, split, dicom_dir, tmp_path / "eval",
+                                                       EvalConfig(n_resamples=200), progress=False)
+    assert eval_run == run_id
+    run = client.get_run(run_id)
+    m = run.data.metrics
+    assert run.info.status == "FINISHED" and run.data.tags["cxrgaze.evaluated"] == "true"
+    assert m["val_auc_macro"] == pytest.approx(result.best["val_auc_macro"], abs=1e-6), "evaluation = kept checkpoint"
+    assert m["test_auc_macro_ci95_low"] <= m["test_auc_macro"] <= m["test_auc_macro_ci95_high"]
+    assert m["test_auc_macro_paper_p2.5"] <= m["test_auc_macro_paper_p50"] <= m["test_auc_macro_paper_p97.5"]
+    assert {"test_sal_mask_cc", "test_sal_generator_nss", "test_sal_mask_marker_mass"} <= set(m)
+    figures = {a.path for a in client.list_artifacts(run_id, "figures")}
+    assert {"figures/roc.png", "figures/confusion.png", "figures/heatmaps.png", "figures/training.png"} <= figures
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["variant"] == "unet"
+
+    # The logged model serves raw DICOM bytes with the preprocessing of `prepare`:
+    # it must give the probabilities of the evaluation for the same case.
+    manifest = pd.read_csv(prepared / "manifest.csv", dtype=str).set_index("dicom_id")
+    predictions = pd.read_csv(tmp_path / "eval" / "predictions.csv", dtype={"dicom_id": str})
+    case = predictions[predictions["split"] == "test"].iloc[0]
+    payload = base64.b64encode((dicom_dir / manifest.loc[case["dicom_id"], "path"]).read_bytes()).decode()
+    served = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"image": [payload]}), params={"heatmap": "none"})
+    cols = ["prob_Normal", "prob_CHF", "prob_pneumonia"]
+    np.testing.assert_allclose(served[cols].to_numpy()[0], case[cols].to_numpy(float), atol=1e-5)
+    # ... and so the registry's re-evaluation of a champion on raw DICOMs matches evaluation.
+    assert val_auc_of_model(model_uri, prepared, split, dicom_dir) == pytest.approx(m["val_auc_macro"], abs=1e-4)
+
+
+def test_a_failing_run_ends_failed(tiny_prepared, mlflow_store, tmp_path):
+    prepared, split = tiny_prepared
+    with pytest.raises(RuntimeError, match="stopped after epoch 0"):
+        train_tracked(resolve_run_config(FAST, "baseline"), prepared, split, tmp_path / "train",
+                      callbacks=[_Stop(0, RuntimeError)], progress=False)
+    run_id = read_run_file(tmp_path / "train")["run_id"]
+    assert MlflowClient().get_run(run_id).info.status == "FAILED"
+
+
+def test_an_interrupted_run_resumes_into_the_same_mlflow_run(tiny_prepared, mlflow_store, tmp_path):
+    prepared, split = tiny_prepared
+    config = resolve_run_config(FAST, "baseline")
+    with pytest.raises(KeyboardInterrupt):
+        train_tracked(config, prepared, split, tmp_path / "train", callbacks=[_Stop(0, KeyboardInterrupt)],
+                      progress=False)
+    first = read_run_file(tmp_path / "train")["run_id"]
+    result, run_id = train_tracked(config, prepared, split, tmp_path / "train", progress=False)
+    assert run_id == first
+    client = MlflowClient()
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "epoch_val_auc_macro")] == [0, 1]
+    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
+    assert math.isfinite(result.best["val_auc_macro"])

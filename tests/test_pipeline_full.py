@@ -1,0 +1,88 @@
+"""The whole pipeline: `dvc repro` of a tiny profile in a temporary git repository ends with
+MLflow runs, figures, a report and a champion; a second `dvc repro` changes nothing."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+import yaml
+
+from conftest import make_project, run
+from cxrgaze.data.synth import synthesize
+
+pytestmark = pytest.mark.timeout(900)
+
+VARIANTS = {"baseline": {"loss": {"gamma": 1.0}, "model": {"dropout": 0.0}}, "unet": {}, "set3-gbp": {}}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = make_project(tmp_path_factory.mktemp("full"))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"].update(image_size=32, workers=1)
+    params["train"].update(epochs=2, batch_size=16)
+    params["evaluate"].update(n_resamples=200, panel_per_class=1)
+    params["variants"] = VARIANTS
+    if "tune" in params:
+        params["tune"].update(variants=["set3-gbp"], n_trials=2, epochs=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    synthesize(root / "data", patients=36, seed=4, image_size=96)
+    run(["dvc", "add", "-q", "data"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "tiny profile"], root)
+    run(["dvc", "repro"], root)
+    return root
+
+
+def _runs(root) -> list[tuple[str, str]]:
+    with sqlite3.connect(root / "mlflow.db") as db:
+        return db.execute("SELECT name, status FROM runs ORDER BY start_time").fetchall()
+
+
+def test_repro_ends_with_runs_figures_report_and_champion(repo):
+    runs = _runs(repo)
+    names = [name for name, _ in runs]
+    for variant in VARIANTS:
+        assert names.count(variant) == 1, names
+        figures = repo / "outputs" / "figures" / variant
+        assert {"roc.png", "confusion.png", "heatmaps.png", "training.png"} <= {p.name for p in figures.iterdir()}
+        run_info = json.loads((repo / "outputs" / "eval" / variant / "run.json").read_text())
+        assert run_info["model_uri"].startswith("models:/")
+    assert all(status == "FINISHED" for _, status in runs), runs
+    results = (repo / "reports" / "results.md").read_text()
+    assert "| set3-gbp |" in results and "vs unet" in results
+    metrics = json.loads((repo / "reports" / "results.json").read_text())
+    assert set(metrics) == set(VARIANTS)
+    assert metrics["set3-gbp"]["diff_vs_unet_low"] <= metrics["set3-gbp"]["diff_vs_unet"]
+    decision = json.loads((repo / "outputs" / "register.json").read_text())
+    assert decision["champion_version"] and set(decision["versions"]) == set(VARIANTS)
+    shown = run(["dvc", "metrics", "show", "--json"], repo).stdout
+    assert "test_auc_macro" in shown
+
+
+def test_second_repro_changes_nothing_and_moves_nothing(repo):
+    before = json.loads((repo / "outputs" / "register.json").read_text())
+    n_runs = len(_runs(repo))
+    out = run(["dvc", "repro"], repo).stdout
+    assert "Running stage" not in out, out
+    assert len(_runs(repo)) == n_runs
+    assert json.loads((repo / "outputs" / "register.json").read_text()) == before
+
+
+def test_champion_is_served_by_alias(repo):
+    import base64
+
+    import mlflow
+    import pandas as pd
+
+    manifest = pd.read_csv(repo / "outputs" / "prepared" / "manifest.csv", dtype=str)
+    payload = base64.b64encode((repo / "data" / "mimic-cxr" / manifest["path"].iloc[0]).read_bytes()).decode()
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    try:
+        out = mlflow.pyfunc.load_model("models:/cxrgaze@champion").predict(pd.DataFrame({"image": [payload]}))
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert out["label"].iloc[0] in ("Normal", "CHF", "pneumonia")
+    assert abs(out[["prob_Normal", "prob_CHF", "prob_pneumonia"]].to_numpy().sum() - 1) < 1e-5

@@ -1,0 +1,123 @@
+"""The promotion rules of the `champion` alias, on a real MLflow registry (SQLite).
+
+Candidates are real runs with a real (trivial) logged pyfunc model: the rules under test
+only read the run's status, tags and validation AUC.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from cxrgaze.registry import Candidate, RegisterConfig, register_and_promote
+
+
+class _Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+def candidate(variant: str, score: float, evaluated: bool = True, fail: bool = False) -> Candidate:
+    mlflow.set_experiment("cxrgaze")
+    run = mlflow.start_run(run_name=variant)
+    mlflow.log_metric("val_auc_macro", score)
+    info = mlflow.pyfunc.log_model(name="model", python_model=_Echo(), pip_requirements=[])
+    if evaluated:
+        mlflow.set_tag("cxrgaze.evaluated", "true")
+    mlflow.end_run(status="FAILED" if fail else "FINISHED")
+    return Candidate(variant, run.info.run_id, info.model_uri)
+
+
+def never(_version) -> float:
+    raise AssertionError("the champion must not be re-evaluated on the same data")
+
+
+def champion() -> str:
+    return str(MlflowClient().get_model_version_by_alias("cxrgaze", "champion").version)
+
+
+def decision_tag(version: str) -> str:
+    return MlflowClient().get_model_version("cxrgaze", version).tags["cxrgaze.decision"]
+
+
+def test_first_run_registers_every_candidate_and_crowns_the_best(mlflow_store):
+    cands = [candidate("baseline", 0.80), candidate("unet", 0.90), candidate("set3-gbp", 0.85)]
+    decision = register_and_promote(cands, "data-a", "val-1", never)
+    assert decision.promoted and "first champion" in decision.reason
+    assert set(decision.versions) == {"baseline", "unet", "set3-gbp"}
+    assert champion() == decision.versions["unet"]
+    version = MlflowClient().get_model_version("cxrgaze", decision.versions["unet"])
+    assert version.tags["cxrgaze.variant"] == "unet"
+    assert version.tags["cxrgaze.data_version"] == "data-a"
+    assert version.tags["cxrgaze.run_id"] == cands[1].run_id
+    assert "first champion" in version.tags["cxrgaze.decision"]
+
+
+def test_better_by_more_than_min_delta_moves_the_champion(mlflow_store):
+    first = register_and_promote([candidate("unet", 0.90)], "data-a", "val-1", never)
+    decision = register_and_promote([candidate("set3-gbp", 0.95)], "data-a", "val-1", never,
+                                    RegisterConfig(min_delta=0.01))
+    assert decision.promoted
+    assert champion() == decision.versions["set3-gbp"] != first.versions["unet"]
+    assert "beats champion" in decision_tag(decision.versions["set3-gbp"])
+
+
+@pytest.mark.parametrize("score,min_delta", [(0.85, 0.0), (0.90, 0.0), (0.905, 0.01)],
+                         ids=["worse", "equal", "within-min-delta"])
+def test_worse_equal_or_not_enough_better_keeps_the_champion(mlflow_store, score, min_delta):
+    first = register_and_promote([candidate("unet", 0.90)], "data-a", "val-1", never)
+    decision = register_and_promote([candidate("set3-gbp", score)], "data-a", "val-1", never,
+                                    RegisterConfig(min_delta=min_delta))
+    assert not decision.promoted
+    assert champion() == first.versions["unet"]
+    assert "does not beat" in decision_tag(decision.versions["set3-gbp"])
+
+
+def test_new_data_version_reevaluates_the_champion_first(mlflow_store):
+    first = register_and_promote([candidate("unet", 0.90)], "data-a", "val-1", never)
+    calls = []
+
+    def reevaluate(version) -> float:
+        calls.append(str(version.version))
+        return 0.80  # the old champion does worse on the new data
+
+    decision = register_and_promote([candidate("set3-gbp", 0.85)], "data-b", "val-2", reevaluate)
+    assert calls == [first.versions["unet"]]
+    assert decision.promoted, "0.85 beats the champion's 0.80 on the new data (its 0.90 was on other data)"
+    old = MlflowClient().get_model_version("cxrgaze", first.versions["unet"])
+    assert "0.8000 on data data-b" in old.tags["cxrgaze.reevaluated"]
+
+
+def test_new_data_version_where_the_champion_still_wins(mlflow_store):
+    first = register_and_promote([candidate("unet", 0.90)], "data-a", "val-1", never)
+    decision = register_and_promote([candidate("set3-gbp", 0.85)], "data-b", "val-2", lambda v: 0.88)
+    assert not decision.promoted and champion() == first.versions["unet"]
+
+
+def test_failed_or_unevaluated_runs_are_never_registered_or_promoted(mlflow_store):
+    first = register_and_promote([candidate("unet", 0.70)], "data-a", "val-1", never)
+    failed = candidate("set3-gbp", 0.99, fail=True)
+    incomplete = candidate("set3-deconv", 0.98, evaluated=False)
+    decision = register_and_promote([failed, incomplete], "data-a", "val-1", never)
+    assert not decision.promoted and champion() == first.versions["unet"]
+    assert decision.versions == {}
+    assert "FAILED" in decision.skipped["set3-gbp"]
+    assert "not evaluated" in decision.skipped["set3-deconv"]
+    assert len(MlflowClient().search_model_versions("name='cxrgaze'")) == 1
+
+
+def test_running_again_with_nothing_new_moves_nothing(mlflow_store):
+    cands = [candidate("unet", 0.90), candidate("set3-gbp", 0.92)]
+    first = register_and_promote(cands, "data-a", "val-1", never)
+    again = register_and_promote(cands, "data-a", "val-1", never)
+    assert not again.promoted and "already the champion" in again.reason
+    assert again.versions == first.versions
+    assert len(MlflowClient().search_model_versions("name='cxrgaze'")) == 2
+
+
+def test_min_delta_is_validated():
+    from cxrgaze.config import ConfigError
+
+    with pytest.raises(ConfigError, match="min_delta"):
+        RegisterConfig(min_delta=-0.1)
