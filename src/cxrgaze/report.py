@@ -170,7 +170,14 @@ def to_markdown(report: Report, title: str = "cxrgaze results") -> str:
               "shortcut as training (a corner marker that agrees with the label), so validation AUC cannot tell "
               "the variants apart; the test set's marker is random. Compare variants on the test AUC and the "
               "paired differences.",
-              "- \"generator\" is the variant's own heatmap rule (guided backprop for baseline and unet).", ""]
+              "- \"generator\" is the variant's own heatmap rule (guided backprop for baseline and unet).",
+              f"- The p-values are per comparison: with {2 * max(len(report.variants) - 1, 0)} comparisons, about one in "
+              "twenty crosses 0.05 by chance when nothing differs."]
+    if _finite(n_test) and n_test < 55:
+        lines.append(f"- This test set has {n_test:.0f} cases, fewer than the paper protocol's 55-60 per resample: its "
+                     "resamples repeat cases, and its intervals are narrower than the data supports. Read the "
+                     "percentile-bootstrap CI.")
+    lines.append("")
     return "\n".join(lines)
 
 
