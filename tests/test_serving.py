@@ -130,7 +130,6 @@ def registry(dataset, samples, tmp_path_factory):
     config = resolve_run_config({"train": {"epochs": 1, "batch_size": 16, "device": "cpu"},
                                  "model": {"encoder": "tu-tinynet_e", "decoder_channels": [32, 16, 16, 8, 8]}}, "unet")
     result = train(config, dataset.prepared, dataset.split, root / "train", progress=False)
-    previous = mlflow.get_tracking_uri()
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     try:
@@ -141,7 +140,7 @@ def registry(dataset, samples, tmp_path_factory):
         mlflow.MlflowClient().set_registered_model_alias("cxrgaze", "champion", version)
         yield SimpleNamespace(tracking_uri=uri, model_uri=info.model_uri, root=root)
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(None)  # back to following MLFLOW_TRACKING_URI / the default
 
 
 @pytest.fixture(scope="module")

@@ -73,11 +73,13 @@ def test_kill_during_training_then_resume_gives_the_uninterrupted_result(tiny_pr
     )
     cmd = [sys.executable, "-m", "cxrgaze.cli", "train", "--variant", "set3-gbp", "--params", str(params),
            "--prepared", str(prepared), "--split", str(split), "--quiet"]
-    reference = subprocess.run(cmd + ["--out", str(tmp_path / "ref")], env=tool_env(), capture_output=True, text=True)
+    # Tracked in MLflow (SQLite in tmp_path, the working directory): the killed run resumes in the same run.
+    reference = subprocess.run(cmd + ["--out", str(tmp_path / "ref")], env=tool_env(), capture_output=True, text=True,
+                               cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + ["--out", str(killed)], env=tool_env(),
+    proc = subprocess.Popen(cmd + ["--out", str(killed)], env=tool_env(), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until at least one epoch is checkpointed, then kill -9
@@ -90,7 +92,8 @@ def test_kill_during_training_then_resume_gives_the_uninterrupted_result(tiny_pr
     done_epochs = load_checkpoint(killed / "last.pt")["epoch"] + 1
     assert done_epochs < 4
 
-    resumed = subprocess.run(cmd + ["--out", str(killed)], env=tool_env(), capture_output=True, text=True)
+    killed_run = json.loads((killed / "run.json").read_text())["run_id"]
+    resumed = subprocess.run(cmd + ["--out", str(killed)], env=tool_env(), capture_output=True, text=True, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     ref = json.loads((tmp_path / "ref" / "metrics.json").read_text())
     got = json.loads((killed / "metrics.json").read_text())
@@ -99,6 +102,14 @@ def test_kill_during_training_then_resume_gives_the_uninterrupted_result(tiny_pr
     got_hist = load_checkpoint(killed / "last.pt")["history"]
     assert [r["val_auc_macro"] for r in got_hist] == [r["val_auc_macro"] for r in ref_hist]
     assert [r["train_loss"] for r in got_hist] == [r["train_loss"] for r in ref_hist]
+    import sqlite3
+
+    assert json.loads((killed / "run.json").read_text())["run_id"] == killed_run, "resumed into the same MLflow run"
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        assert db.execute("SELECT status FROM runs WHERE run_uuid = ?", (killed_run,)).fetchone() == ("FINISHED",)
+        steps = db.execute("SELECT step FROM metrics WHERE run_uuid = ? AND key = 'epoch_val_auc_macro' ORDER BY step",
+                           (killed_run,)).fetchall()
+    assert [s for (s,) in steps] == [0, 1, 2, 3]
 
 
 class Interrupted(Exception):

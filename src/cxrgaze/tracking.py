@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import subprocess
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -33,6 +36,13 @@ RUN_FILE = "run.json"
 """Name of the file, inside a stage's output folder, that carries the MLflow run id."""
 
 
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+"""Applied unless set: with MLflow's own defaults (7 retries, exponential backoff) one call
+to a stopped tracking server blocks for minutes; these give up in seconds, and the
+:class:`TrackingGuard` lets the work go on."""
+
+
 class TrackingError(RuntimeError):
     """The tracking store cannot be reached or does not hold the run an output names."""
 
@@ -43,9 +53,9 @@ def set_experiment(name: str | None = None) -> str:
     ``MLFLOW_EXPERIMENT_NAME`` wins over ``name``, so a user can point a pipeline at
     another experiment without editing anything.
     """
-    import os
-
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or name or EXPERIMENT
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     try:
         return mlflow.set_experiment(name).experiment_id
     except Exception as exc:  # noqa: BLE001 - any store failure is one user-facing reason
@@ -125,25 +135,55 @@ def finite_metrics(values: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+class TrackingGuard:
+    """Best-effort tracking for work that must not die with the tracking store.
+
+    ``guard.call(what, fn, ...)`` runs an MLflow call; the first failure (server stopped,
+    database locked...) is reported once on stderr, remembered in :attr:`lost`, and every
+    later call is skipped, so training goes on and its files stay the record.
+    """
+
+    def __init__(self) -> None:
+        self.lost: str | None = None
+
+    def call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.lost is not None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any tracking failure is reported, never fatal
+            self.lost = f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            print(f"WARNING: MLflow tracking lost ({mlflow.get_tracking_uri()}) at {self.lost}; "
+                  "training goes on, its checkpoints and metrics files stay complete", file=sys.stderr)
+            return None
+
+
 class EpochLogger:
     """Training callback: logs each epoch's numeric record at ``step = epoch``.
 
     Logs into ``run_id`` through the client (safe when several runs are active, as in an
-    Optuna study), or into the active run when ``run_id`` is None.
+    Optuna study), or into the active run when ``run_id`` is None. With a ``guard``, a
+    tracking failure is reported once and does not stop training.
     """
 
-    def __init__(self, run_id: str | None = None, prefix: str = "") -> None:
+    def __init__(self, run_id: str | None = None, prefix: str = "", guard: TrackingGuard | None = None) -> None:
         self.run_id = run_id
         self.prefix = prefix
+        self.guard = guard
 
     def on_epoch_end(self, record: dict[str, Any]) -> None:
         step = int(record.get("epoch", 0))
+        if self.guard is not None:
+            self.guard.call(f"epoch {step + 1}", self._log, record, step)
+        else:
+            self._log(record, step)
+
+    def _log(self, record: dict[str, Any], step: int) -> None:
         metrics = {f"{self.prefix}{k}": v for k, v in finite_metrics(record).items() if k != "epoch"}
         if self.run_id is None:
             mlflow.log_metrics(metrics, step=step)
         else:
             from mlflow.entities import Metric
-            import time
 
             now = int(time.time() * 1000)
             MlflowClient().log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
