@@ -72,19 +72,27 @@ def cmd_train(args: argparse.Namespace) -> None:
         if getattr(args, key) is not None:
             params.setdefault("train", {})
             params["train"] = {**(params["train"] or {}), key: getattr(args, key)}
+    from cxrgaze.distributed import context_from_env, destroy
+
+    main = context_from_env().is_main  # under torchrun only rank 0 reports
     variants = VARIANTS if args.variant == "all" else [args.variant]
-    for variant in variants:
-        config = resolve_run_config(params, variant, where=args.params or "defaults")
-        out = Path(args.out) / variant if args.variant == "all" else Path(args.out)
-        if args.no_track:
-            result, where = train(config, args.prepared, args.split, out, progress=not args.quiet,
-                                  resume=not args.no_resume), ""
-        else:
-            result, run_id = train_tracked(config, args.prepared, args.split, out, progress=not args.quiet,
-                                           resume=not args.no_resume)
-            where = f", MLflow run {run_id}"
-        print(f"{variant}: best epoch {result.best_epoch + 1}/{config.train.epochs}, "
-              + ", ".join(f"{k}={v:.4f}" for k, v in result.best.items() if k.startswith("val_auc")) + f"  -> {out}{where}")
+    try:
+        for variant in variants:
+            config = resolve_run_config(params, variant, where=args.params or "defaults")
+            out = Path(args.out) / variant if args.variant == "all" else Path(args.out)
+            if args.no_track:
+                result, where = train(config, args.prepared, args.split, out, progress=not args.quiet,
+                                      resume=not args.no_resume), ""
+            else:
+                result, run_id = train_tracked(config, args.prepared, args.split, out, progress=not args.quiet,
+                                               resume=not args.no_resume)
+                where = f", MLflow run {run_id}"
+            if main:
+                print(f"{variant}: best epoch {result.best_epoch + 1}/{config.train.epochs}, "
+                      + ", ".join(f"{k}={v:.4f}" for k, v in result.best.items() if k.startswith("val_auc"))
+                      + f"  -> {out}{where}")
+    finally:
+        destroy()  # leave the torchrun process group, if train() joined one
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -18,6 +18,7 @@ re-open) the variant's run, log into it and leave its id in the output folder's
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -27,8 +28,8 @@ import pandas as pd
 from cxrgaze.config import DataConfig, from_mapping
 from cxrgaze.evaluate import EvalConfig, EvalResult, evaluate
 from cxrgaze.runtime import resolve_device
-from cxrgaze.tracking import (EpochLogger, RUN_FILE, finite_metrics, flatten, read_run_file, resumed_run, run_exists,
-                              run_tags, set_experiment, write_run_file)
+from cxrgaze.tracking import (EpochLogger, RUN_FILE, TrackingGuard, finite_metrics, flatten, read_run_file, resumed_run,
+                              run_exists, run_tags, set_experiment, write_run_file)
 from cxrgaze.train import RunConfig, TrainResult, load_checkpoint, train
 
 EVALUATED_TAG = "cxrgaze.evaluated"
@@ -56,27 +57,71 @@ def train_tracked(
     progress: bool = True,
     resume: bool = True,
 ) -> tuple[TrainResult, str]:
-    """Train as an MLflow run; returns the result and the run id (also in ``out_dir/run.json``)."""
+    """Train as an MLflow run; returns the result and the run id (also in ``out_dir/run.json``).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) rank 0 alone opens the MLflow run, logs and
+    writes ``run.json``; the other ranks train without MLflow and return ``""`` as run id.
+    """
+    from cxrgaze.distributed import context_from_env
+
     out_dir = Path(out_dir)
     variant = config.train.variant
+    if not context_from_env().is_main:
+        return train(config, prepared_dir, split_csv, out_dir, callbacks=callbacks, progress=progress,
+                     resume=resume), ""
     set_experiment()
     run_id = None
     if resume and (out_dir / "last.pt").exists() and (out_dir / RUN_FILE).exists():
         previous = read_run_file(out_dir)["run_id"]
         run_id = previous if run_exists(previous) else None
     device = resolve_device(config.train.device)
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else variant) as run:
-        if run_id is None:
-            mlflow.set_tags(run_tags(variant, str(device)))
-            mlflow.log_params(flatten(config.as_dict()))
-            mlflow.log_params(flatten({"data": _data_params(prepared_dir)}))
-        write_run_file(out_dir, run_id=run.info.run_id, variant=variant)
-        result = train(config, prepared_dir, split_csv, out_dir, callbacks=[EpochLogger(prefix=EPOCH_PREFIX), *callbacks],
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else variant)
+    guard = TrackingGuard()
+    if run_id is None:
+        guard.call("run tags", mlflow.set_tags, run_tags(variant, str(device)))
+        guard.call("run params", mlflow.log_params,
+                   {**flatten(config.as_dict()), **flatten({"data": _data_params(prepared_dir)})})
+    write_run_file(out_dir, run_id=run.info.run_id, variant=variant)
+    logger = EpochLogger(prefix=EPOCH_PREFIX, guard=guard)
+    if run_id is not None:
+        guard.call("replay of checkpointed epochs", _replay_unlogged_epochs, run_id, out_dir / "last.pt", logger)
+    try:
+        result = train(config, prepared_dir, split_csv, out_dir, callbacks=[logger, *callbacks],
                        progress=progress, resume=resume)
-        mlflow.log_metrics({f"best_{k}": v for k, v in finite_metrics(result.best).items()})
-        mlflow.log_metric("best_epoch", result.best_epoch)
-        mlflow.log_artifact(str(out_dir / "history.csv"))
-        return result, run.info.run_id
+    except BaseException as exc:
+        _end_run(guard, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    guard.call("final metrics", mlflow.log_metrics,
+               {**{f"best_{k}": v for k, v in finite_metrics(result.best).items()}, "best_epoch": result.best_epoch})
+    guard.call("history.csv", mlflow.log_artifact, str(out_dir / "history.csv"))
+    _end_run(guard, "FINISHED")
+    if guard.lost is not None:
+        write_run_file(out_dir, tracking_lost=guard.lost)
+        print(f"{variant}: training finished, but MLflow run {run.info.run_id} is incomplete (tracking lost at "
+              f"{guard.lost}); everything is in {out_dir}", file=sys.stderr)
+    return result, run.info.run_id
+
+
+def _replay_unlogged_epochs(run_id: str, last_pt: Path, logger: EpochLogger) -> None:
+    """Log the checkpointed epochs the run lacks: a process killed between writing
+    ``last.pt`` and logging that epoch resumes after it."""
+    from mlflow.tracking import MlflowClient
+
+    logged = {m.step for m in MlflowClient().get_metric_history(run_id, f"{EPOCH_PREFIX}val_auc_macro")}
+    for record in load_checkpoint(last_pt)["history"]:
+        if int(record["epoch"]) not in logged:
+            logger.on_epoch_end(record)
+
+
+def _end_run(guard: TrackingGuard, status: str) -> None:
+    """End the active run; when the store is gone, at least forget the run in this process
+    (so a next run can start)."""
+    guard.call("end of run", mlflow.end_run, status=status)
+    if mlflow.active_run() is not None:
+        try:
+            mlflow.end_run(status=status)  # pops the run first, then fails to reach the store
+        except Exception:  # noqa: BLE001 - already reported by the guard
+            pass
 
 
 def _data_params(prepared_dir: str | Path) -> dict[str, Any]:

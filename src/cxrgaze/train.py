@@ -15,6 +15,11 @@ What a run guarantees:
   and batch; ``last.pt`` and ``best.pt`` from the last good epoch stay.
 * Callbacks (``on_epoch_end(record)``) see each epoch's record: MLflow logging and Optuna
   pruning plug in there without this module knowing about either.
+* Under ``torchrun --nproc_per_node=N`` (or with ``micro_batches=k``) each global batch of
+  ``train.batch_size`` images is cut into contiguous shards whose gradients are summed
+  before clipping and the optimizer step (:mod:`cxrgaze.distributed` explains the design
+  and why it does not use ``DistributedDataParallel``); rank 0 alone evaluates, prints
+  and writes files, and every rank returns the same history.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol
@@ -33,6 +39,8 @@ from tqdm.auto import tqdm
 
 from cxrgaze.config import LossConfig, ModelConfig, TrainConfig, to_dict
 from cxrgaze.data.dataset import SplitTensors, load_split, random_affine
+from cxrgaze.distributed import (DistContext, all_reduce_, all_reduce_gradients, all_reduce_sums, barrier,
+                                 broadcast_module, broadcast_object, context_from_env, init_from_env, is_active)
 from cxrgaze.losses import compute_loss
 from cxrgaze.metrics import auc_summary
 from cxrgaze.models import build_model, class_logits
@@ -167,23 +175,45 @@ def train(
     callbacks: Iterable[EpochCallback] = (),
     progress: bool = True,
     resume: bool = True,
+    dist: DistContext | None = None,
+    micro_batches: int = 1,
 ) -> TrainResult:
     """Train ``config.train.variant`` on the prepared arrays; write checkpoints to ``out_dir``.
 
     Resumes from ``out_dir/last.pt`` when it exists and was written with the same config
     (a different config is an error rather than a silent restart; pass ``resume=False``
     or delete the folder to start over).
+
+    ``dist``: this process's place in a ``torchrun`` job; ``None`` reads it from the
+    environment (:func:`cxrgaze.distributed.init_from_env`, which joins the job when
+    ``WORLD_SIZE`` > 1). A given context with several ranks needs that process group
+    initialised. ``micro_batches``: the shards each rank processes in turn per global
+    batch; the global batch (``train.batch_size``) is cut into ``world_size *
+    micro_batches`` contiguous shards. With one rank and ``micro_batches=1`` (the
+    default) a step is one forward and backward of the whole batch, as always.
     """
     cfg = config.train
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be a positive integer, got {micro_batches}")
+    ctx = context_from_env() if dist is None else dist
+    device = ctx.device(resolve_device(cfg.device))
+    if dist is None:
+        init_from_env(device)
+    elif ctx.is_distributed and not is_active():
+        raise RuntimeError(f"train(dist=rank {ctx.rank} of {ctx.world_size}) needs an initialised process group "
+                           "(cxrgaze.distributed.init_from_env)")
+    shards = ctx.world_size * micro_batches
     seed_everything(cfg.seed)
     train_data = load_split(prepared_dir, split_csv, "train")
     val_data = load_split(prepared_dir, split_csv, "val")
     if len(train_data) == 0 or len(val_data) == 0:
         raise ValueError(f"{split_csv}: the train and val splits must both be non-empty "
                          f"(train {len(train_data)}, val {len(val_data)})")
+    if min(cfg.batch_size, len(train_data)) < shards:
+        raise ValueError(f"train.batch_size {cfg.batch_size} (the global batch; {len(train_data)} training images) "
+                         f"cannot be cut into {shards} shards ({ctx.world_size} rank(s) x {micro_batches} micro-batches)")
 
     model = build_model(config.model, variant=cfg.variant).to(device)
     optimizer = _make_optimizer(model, cfg)
@@ -209,6 +239,12 @@ def train(
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         history, best, best_epoch = ckpt["history"], ckpt["best"], ckpt["best_epoch"]
         start_epoch = ckpt["epoch"] + 1
+        if ckpt.get("shards", 1) != shards and ctx.is_main:
+            warnings.warn(f"{last_path}: written with global batches cut into {ckpt.get('shards', 1)} shard(s), "
+                          f"resumed with {shards}: the run goes on, but is not the bit-exact continuation", stacklevel=2)
+    broadcast_module(model)  # every rank starts from rank 0's weights (they agree already: same seed or last.pt)
+    running_stats = _running_stats(model)
+    term_keys: list[str] = []
 
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
                 if cfg.amp == "bf16" else torch.autocast(device_type=device.type, enabled=False))
@@ -218,8 +254,21 @@ def train(
         sums: dict[str, float] = {}
         batches = _batches(len(train_data), cfg.batch_size, cfg.seed, epoch)
         augment = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch + 1) if cfg.augment else None
-        bar = tqdm(batches, desc=f"{cfg.variant} epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        bar = tqdm(batches, desc=f"{cfg.variant} epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and ctx.is_main),
+                   leave=False)
         for b, idx in enumerate(bar):
+            if shards > 1:
+                step_sums = _sharded_backward(model, optimizer, config, train_data, idx, device, augment, autocast, ctx,
+                                              micro_batches, epoch, b, running_stats, term_keys, last_path)
+                term_keys = term_keys or list(step_sums)
+                if cfg.clip_value > 0:
+                    torch.nn.utils.clip_grad_value_(model.parameters(), cfg.clip_value)
+                optimizer.step()
+                for k, v in step_sums.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                seen = sum(len(i) for i in batches[: b + 1])
+                bar.set_postfix({k: f"{s / seen:.4f}" for k, s in sums.items()})
+                continue
             batch = _to_batch(train_data, idx, device, augment)
             with autocast:
                 loss, terms = compute_loss(model, batch, cfg.variant, config.loss)
@@ -238,7 +287,8 @@ def train(
         bar.close()
         record: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         record.update({f"train_{k}": s / len(train_data) for k, s in sums.items()})
-        record.update(evaluate_split(model, val_data, device, prefix="val_", batch_size=cfg.eval_batch_size))
+        val = evaluate_split(model, val_data, device, prefix="val_", batch_size=cfg.eval_batch_size) if ctx.is_main else None
+        record.update(broadcast_object(val))  # rank 0 evaluates; every rank agrees on the best epoch
         if scheduler is not None:
             scheduler.step()
         record["seconds"] = time.perf_counter() - t0
@@ -248,16 +298,19 @@ def train(
         if improved or best_epoch < 0:
             best_epoch = epoch
             best = {k: v for k, v in record.items() if k.startswith("val_")}
-            _atomic_save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config_dict,
-                          "epoch": epoch, "metrics": best}, out_dir / "best.pt")
-        _atomic_save({
-            "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
-            "epoch": epoch, "history": history, "best": best, "best_epoch": best_epoch, "config": config_dict,
-        }, last_path)
-        if progress:
+            if ctx.is_main:
+                _atomic_save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config_dict,
+                              "epoch": epoch, "metrics": best}, out_dir / "best.pt")
+        if ctx.is_main:
+            _atomic_save({
+                "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
+                "epoch": epoch, "history": history, "best": best, "best_epoch": best_epoch, "config": config_dict,
+                **({"shards": shards} if shards > 1 else {}),
+            }, last_path)
+        if progress and ctx.is_main:
             tqdm.write(f"{cfg.variant} epoch {epoch + 1}/{cfg.epochs}: "
                        + ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k.startswith(("train_", "val_auc_macro"))))
         for cb in callbacks:
@@ -265,9 +318,88 @@ def train(
 
     result = TrainResult(variant=cfg.variant, out_dir=out_dir, best_epoch=best_epoch, best=best,
                          history=history, device=str(device), config=config_dict)
-    (out_dir / "metrics.json").write_text(json.dumps(result.to_json(), indent=2, sort_keys=True) + "\n")
-    _write_history_csv(history, out_dir / "history.csv")
+    if ctx.is_main:
+        (out_dir / "metrics.json").write_text(json.dumps(result.to_json(), indent=2, sort_keys=True) + "\n")
+        _write_history_csv(history, out_dir / "history.csv")
+    barrier()  # every rank returns once rank 0's files are complete
     return result
+
+
+def _running_stats(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The (floating, integer) running-statistics buffers of the model's batch norms."""
+    floats: list[torch.Tensor] = []
+    ints: list[torch.Tensor] = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            for buf in module.buffers(recurse=False):
+                (floats if buf.is_floating_point() else ints).append(buf)
+    return floats, ints
+
+
+def _shard_seed(seed: int, epoch: int, batch: int, shard: int) -> int:
+    return (((seed * 100_003 + epoch) * 100_003 + batch) * 4_099 + shard) % (2**63 - 1)
+
+
+def _sharded_backward(model: nn.Module, optimizer: torch.optim.Optimizer, config: RunConfig, data: SplitTensors,
+                      idx: torch.Tensor, device: torch.device, augment: torch.Generator | None, autocast: Any,
+                      ctx: DistContext, micro_batches: int, epoch: int, b: int,
+                      running_stats: tuple[list[torch.Tensor], list[torch.Tensor]], term_keys: list[str],
+                      last_path: Path) -> dict[str, float]:
+    """One global batch cut into ``world_size * micro_batches`` contiguous shards: this rank's
+    shards forward and backward in turn (loss weighted by the shard's share of the batch),
+    then gradients and batch-norm running statistics are summed over ranks. Leaves the
+    global gradient in ``.grad``; returns the global sums of ``len(shard) * term``."""
+    cfg = config.train
+    n_global = len(idx)
+    pieces = idx.tensor_split(ctx.world_size * micro_batches)
+    starts = [0]
+    for piece in pieces:
+        starts.append(starts[-1] + len(piece))
+    full = _to_batch(data, idx, torch.device("cpu"), augment) if augment is not None else None  # same affines as one process
+    floats, ints = running_stats
+    floats0 = [t.clone() for t in floats]
+    ints0 = [t.clone() for t in ints]
+    floats_acc = [torch.zeros_like(t) for t in floats]
+    local = dict.fromkeys(term_keys, 0.0)
+    nonfinite, ran, bad = 0.0, 0.0, ""
+    optimizer.zero_grad(set_to_none=True)
+    for s in range(ctx.rank * micro_batches, (ctx.rank + 1) * micro_batches):
+        n = len(pieces[s])
+        if n == 0:
+            continue
+        for t, t0 in zip([*floats, *ints], [*floats0, *ints0]):  # every shard starts from the same statistics
+            t.copy_(t0)
+        torch.manual_seed(_shard_seed(cfg.seed, epoch, b, s))  # dropout: a function of the shard, not the rank
+        if full is not None:
+            batch = {k: v[starts[s]:starts[s + 1]].to(device) for k, v in full.items()}
+        else:
+            batch = _to_batch(data, pieces[s], device)
+        with autocast:
+            loss, terms = compute_loss(model, batch, cfg.variant, config.loss)
+        if not torch.isfinite(loss):
+            nonfinite, bad = 1.0, f" (shard {s + 1}: {loss.item()})"
+            break
+        share = n / n_global
+        (loss * share).backward()
+        for acc, t in zip(floats_acc, floats):
+            acc.add_(t * share)
+        for k, v in terms.items():
+            local[k] = local.get(k, 0.0) + float(v) * n
+        ran = 1.0
+    stats = all_reduce_sums({"_nonfinite": nonfinite, "_ranks": ran, **local})
+    if stats.pop("_nonfinite") > 0:
+        raise TrainingDiverged(f"{cfg.variant}: loss is not finite at epoch {epoch + 1}, batch {b + 1}{bad}; "
+                               f"the last good checkpoint is {last_path if last_path.exists() else 'none (first epoch)'}")
+    ranks = stats.pop("_ranks")
+    all_reduce_gradients(model)
+    ints_acc = [t * int(ran) for t in ints]  # equal on every rank that ran a shard
+    all_reduce_([*floats_acc, *ints_acc])
+    with torch.no_grad():
+        for t, acc in zip(floats, floats_acc):
+            t.copy_(acc)
+        for t, acc in zip(ints, ints_acc):
+            t.copy_(acc // int(ranks))
+    return stats
 
 
 def _write_history_csv(history: list[dict[str, Any]], path: Path) -> None:
