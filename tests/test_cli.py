@@ -9,7 +9,7 @@ import pytest
 
 from cxrgaze.cli import build_parser, main
 
-COMMANDS = ["synth", "prepare", "split", "train", "summary"]
+COMMANDS = ["synth", "prepare", "split", "tune", "train", "evaluate", "report", "register", "predict", "serve", "summary"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -47,3 +47,17 @@ def test_bad_params_file_names_the_file(tmp_path, capsys):
     assert code == 2
     assert "unknown key(s) trian" in err and str(params) in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_without_a_trained_model_is_one_line(tmp_path, capsys):
+    code = main(["evaluate", "--train-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "eval"), "--no-track"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "best.pt" in err[0] and "no such checkpoint" in err[0]
+
+
+def test_register_without_evaluations_is_one_line(tmp_path, capsys):
+    code = main(["register", "--eval-root", str(tmp_path / "eval"), "--variants", "unet"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run.json" in err[0]
