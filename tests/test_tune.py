@@ -3,12 +3,8 @@ runs, resume, failed and pruned trials, dead workers, and two real worker proces
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import time
-import uuid
 
 import optuna
 import pytest
@@ -16,7 +12,6 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import tool_env
 from cxrgaze.cli import main as cli_main
 from cxrgaze.config import ConfigError
 from cxrgaze.tune import (TRIAL_RUN_ATTR, live_trials, load_tuned, merge_overrides, open_study, run_study, run_worker,
@@ -166,28 +161,6 @@ def test_two_worker_processes_share_one_study_exactly(tiny_prepared, tracking, t
     assert sorted(r.info.run_name for r in children) == [f"set3-gbp-trial-{n}" for n in range(6)]
     assert sorted(r.info.run_id for r in children) == sorted(t.user_attrs[TRIAL_RUN_ATTR] for t in trials)
     assert len({r.data.tags["cxrgaze.worker"] for r in children}) == 2  # both processes ran trials
-
-
-@pytest.mark.skipif(not os.environ.get("CXRGAZE_TEST_POSTGRES_URL"),
-                    reason="set CXRGAZE_TEST_POSTGRES_URL=postgresql+psycopg2://USER:PASSWORD@HOST/DB to run")
-def test_two_commands_share_a_postgresql_study_exactly(tiny_prepared, tracking, tmp_path):
-    """Two `cxrgaze tune` commands, as on two machines, against one PostgreSQL study."""
-    prepared, split = tiny_prepared
-    params = tiny_params(tmp_path, storage=os.environ["CXRGAZE_TEST_POSTGRES_URL"], n_trials=6,
-                         study_prefix=f"test-{uuid.uuid4().hex[:8]}")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    cmd = [sys.executable, "-m", "cxrgaze.cli", "tune", "--variant", "set3-gbp", "--params", str(tmp_path / "params.yaml"),
-           "--prepared", str(prepared), "--split", str(split)]
-    procs = [subprocess.Popen(cmd + ["--out", str(tmp_path / f"best-{k}.yaml")], env=tool_env(), cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in range(2)]
-    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
-    assert [proc.returncode for proc in procs] == [0, 0], outputs
-    study = optuna.load_study(study_name=f"{params['tune']['study_prefix']}-set3-gbp", storage=params["tune"]["storage"])
-    trials = study.get_trials()
-    assert [t.number for t in trials] == list(range(6)) and all(t.state == TrialState.COMPLETE for t in trials)
-    runs = child_runs(tracking, study.user_attrs["cxrgaze.mlflow_parent_run_id"])
-    assert sorted(r.info.run_id for r in runs) == sorted(t.user_attrs[TRIAL_RUN_ATTR] for t in trials)
-    assert len({r.data.tags["cxrgaze.worker"] for r in runs}) == 2
 
 
 def test_several_workers_on_sqlite_are_refused(tiny_prepared, tmp_path, capsys):

@@ -123,9 +123,10 @@ def cmd_report(args: argparse.Namespace) -> None:
     params = load_params(args.params) if args.params else {}
     variants = args.variants or list(params.get("variants") or {}) or sorted(
         p.name for p in Path(args.eval_root).iterdir() if (p / "metrics.json").exists())
-    evaluate_params = params.get("evaluate") or {}
-    report = build_report(args.eval_root, variants, n_resamples=int(evaluate_params.get("n_resamples", 2000)),
-                          seed=int(evaluate_params.get("seed", 0)))
+    from cxrgaze.evaluate import EvalConfig
+
+    config = from_mapping(EvalConfig, params.get("evaluate"), where=f"{args.params}: evaluate" if args.params else "evaluate")
+    report = build_report(args.eval_root, variants, n_resamples=config.n_resamples, seed=config.seed)
     paths = write_report(report, args.out)
     print(paths["markdown"].read_text())
 

@@ -27,6 +27,7 @@ import pandas as pd
 
 from cxrgaze.config import DataConfig, from_mapping
 from cxrgaze.evaluate import EvalConfig, EvalResult, evaluate
+from cxrgaze.report import Report
 from cxrgaze.runtime import resolve_device
 from cxrgaze.tracking import (EpochLogger, RUN_FILE, TrackingGuard, finite_metrics, flatten, read_run_file, resumed_run,
                               run_exists, run_tags, set_experiment, write_run_file)
@@ -203,12 +204,9 @@ def _example_dicom(prepared_dir: Path, split_csv: str | Path, dicom_dir: Path) -
     return min(existing, key=lambda p: (p.stat().st_size, p.name))
 
 
-def log_report(report: Any, eval_root: str | Path, paths: dict[str, Path]) -> str:
+def log_report(report: Report, eval_root: str | Path, paths: dict[str, Path]) -> str:
     """Log the paired differences into every variant's run, and the report files into a
     run named ``report``; returns that run's id."""
-    from cxrgaze.report import Report
-
-    assert isinstance(report, Report)
     set_experiment()
     for variant, refs in report.paired.items():
         run_id = read_run_file(Path(eval_root) / variant)["run_id"]
