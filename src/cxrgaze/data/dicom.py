@@ -339,3 +339,10 @@ class ResizeMap:
     def map_sigma(self, sigma: float) -> tuple[float, float]:
         """A Gaussian sigma in original pixels -> (sigma_y, sigma_x) in target pixels."""
         return sigma * self.scale_y, sigma * self.scale_x
+
+
+def model_grid(image: np.ndarray, resize_map: ResizeMap) -> np.ndarray:
+    """The array a model sees: ``image`` (H, W) in [0, 1] resized by ``resize_map`` and rounded
+    to float16, exactly as stored in ``images.npy``. ``prepare`` and the served model both
+    call this, so a served DICOM gets the evaluation's input bit for bit."""
+    return resize_map.resize(image).astype(np.float16)  # (S, S)

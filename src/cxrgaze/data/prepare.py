@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from cxrgaze import CLASSES
 from cxrgaze.config import DataConfig
-from cxrgaze.data.dicom import DicomError, ResizeMap, read_dicom
+from cxrgaze.data.dicom import DicomError, ResizeMap, model_grid, read_dicom
 from cxrgaze.data.egd import read_bounding_boxes, read_fixations, read_id_subset, read_master_sheet
 from cxrgaze.data.gaze import inside_image, static_heatmap_resized
 from cxrgaze.data.schema import EXCLUDED_COLUMNS, MANIFEST_COLUMNS
@@ -270,7 +270,7 @@ def _decode(task: _Task) -> dict:
     tx, ty = resize_map.map_points(task.x[inside], task.y[inside])
     return {
         "index": task.index,
-        "image": resize_map.resize(image).astype(np.float16),  # (S, S)
+        "image": model_grid(image, resize_map),  # (S, S) float16
         "gaze": gaze.astype(np.float16),  # (S, S)
         "info": info,
         "fixations": np.stack([tx, ty, task.duration[inside], task.start[inside]], axis=1),  # (F_in, 4)

@@ -30,7 +30,7 @@ import pydicom
 from PIL import Image
 
 from cxrgaze.config import DataConfig
-from cxrgaze.data.dicom import LUMA, DicomError, ResizeMap, read_dicom
+from cxrgaze.data.dicom import LUMA, DicomError, ResizeMap, model_grid, read_dicom
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -104,10 +104,10 @@ def read_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
 def to_model_grid(image: np.ndarray, config: DataConfig) -> np.ndarray:
     """(H, W) [0, 1] image -> the (S, S) float16 grid the model sees.
 
-    The resize and rounding of ``prepare`` (``images.npy``): the same ``ResizeMap`` for
-    ``config.resize`` and ``config.image_size``, then float16.
+    The same call as ``prepare`` (:func:`cxrgaze.data.dicom.model_grid`) with the
+    ``ResizeMap`` of ``config.resize`` and ``config.image_size``.
     """
-    return ResizeMap.create(image.shape, config.image_size, config.resize).resize(image).astype(np.float16)
+    return model_grid(image, ResizeMap.create(image.shape, config.image_size, config.resize))
 
 
 def preprocess(data: bytes, config: DataConfig, limits: Limits = Limits()) -> np.ndarray:
