@@ -29,7 +29,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ from typing import Iterator
 
 import pytest
 
+from conftest import free_port
+
 ENV_URL = "CXRGAZE_TEST_POSTGRES_URL"
 USER = "cxrgaze"
 DATABASE = "cxrgaze"
@@ -50,13 +51,6 @@ SYSTEM_USER = "postgres"
 
 class PostgresUnavailable(RuntimeError):
     """No PostgreSQL server can be started here (the reason is the message)."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _version_key(path: str) -> tuple[int, ...]:

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tool_env
+from conftest import free_port, tool_env
 from cxrgaze.config import load_params
 from cxrgaze.distributed import (DistContext, all_reduce_gradients, all_reduce_sums, broadcast_object, context_from_env,
                                  is_active)
@@ -49,12 +48,6 @@ PARAMS = (
     "model: {encoder: tu-tinynet_e, decoder_channels: [32, 16, 16, 8, 8]}\n"
     f"train: {{epochs: {EPOCHS}, batch_size: 16, lr: 0.003, device: cpu}}\n"
 )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -4,27 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
-import time
-import urllib.request
 
 import mlflow
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import VENV_BIN, tool_env
+from conftest import mlflow_server
 from cxrgaze.experiment import train_tracked
 from cxrgaze.train import load_checkpoint, resolve_run_config
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -32,45 +22,24 @@ def tracking_server(tmp_path, _migrated_mlflow_db, monkeypatch):
     """A real `mlflow server` on loopback (SQLite backend, local artifacts); its URI and process."""
     db = tmp_path / "server.db"
     shutil.copyfile(_migrated_mlflow_db, db)
-    port = _free_port()
-    proc = subprocess.Popen([str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination",
-                             str(tmp_path / "server-artifacts"), "--workers", "1"],
-                            env={**tool_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job workers
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"mlflow server did not start (exit {proc.poll()})")
-                time.sleep(0.5)
+    (tmp_path / "server-artifacts").mkdir()
+    with mlflow_server(f"sqlite:///{db}", tmp_path / "server-artifacts", tmp_path / "server.log") as (uri, proc):
         monkeypatch.chdir(tmp_path)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
-        yield uri, proc
-    finally:
-        while mlflow.active_run() is not None:
-            try:
-                mlflow.end_run()
-            except Exception:  # noqa: BLE001 - the server may be gone on purpose
-                pass
-        mlflow.set_tracking_uri(None)
-        if proc.poll() is None:
-            import os
-            import signal
-
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        try:
+            yield uri, proc
+        finally:
+            while mlflow.active_run() is not None:
+                try:
+                    mlflow.end_run()
+                except Exception:  # noqa: BLE001 - the server may be gone on purpose
+                    pass
+            mlflow.set_tracking_uri(None)
 
 
 class _StopServerAfterFirstEpoch:
-    def __init__(self, proc: subprocess.Popen) -> None:
+    def __init__(self, proc) -> None:
         self.proc = proc
 
     def on_epoch_end(self, record):

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -24,8 +23,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import VENV_BIN, tool_env
-from postgres_fixture import free_port, postgres, postgres_url  # noqa: F401,F811 - fixtures
+from conftest import tool_env
+from conftest import mlflow_server as start_mlflow_server
+from postgres_fixture import postgres, postgres_url  # noqa: F401,F811 - fixtures
 from cxrgaze.tune import TRIAL_RUN_ATTR, live_trials, open_study, tune_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -199,34 +199,8 @@ def mlflow_server(postgres, tmp_path_factory):
     backend = postgres.new_database("mlflow")
     root = tmp_path_factory.mktemp("mlflow-server")
     artifacts = root / "artifacts"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = root / "server.log"
-    cmd = [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", backend, "--artifacts-destination", artifacts.as_uri(),
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = {k: v for k, v in tool_env().items() if not k.startswith("MLFLOW_")}
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner and its 7 huey consumers (GenAI jobs only)
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    try:
-        started, deadline = time.monotonic(), time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited {proc.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after 120 s:\n{log.read_text(errors='replace')[-4000:]}")
-            time.sleep(0.3)
-        print(f"mlflow server on {url} healthy after {time.monotonic() - started:.1f} s")
+    with start_mlflow_server(backend, artifacts, root / "server.log") as (url, _):
         yield url, artifacts
-    finally:
-        kill(proc, signal.SIGTERM, grace=15)
 
 
 def test_two_tune_commands_share_one_postgresql_study_exactly(postgres, mlflow_server, workers):
