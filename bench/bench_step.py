@@ -16,8 +16,11 @@ Run (defaults: CPU, 224 px, batch 8, efficientnet-b0; about 4-5 minutes on 2 cor
 
 ``--ablate`` turns off this project's second-order speed-ups one by one (to measure
 what each buys): ``conv`` (grouped-conv input gradient as ``conv_transpose2d``), ``bn``
-(hand-derived batch-norm double backward), ``silu`` (fused SiLU rule kernels), ``shared``
-(a second, traced forward pass for the generator instead of sharing the loss's).
+(hand-derived batch-norm double backward; ablated, train-mode batch norm runs natively,
+so the generator's backward also goes back through the batch statistics again: a map
+then mixes the batch's images, a different function), ``silu`` (fused SiLU rule
+kernels), ``shared`` (a second, traced forward pass for the generator instead of sharing
+the loss's).
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ def apply_ablations(names: set[str]) -> None:
         rules.SiLUBackward = Composite  # type: ignore[misc, assignment]
     if "shared" in names:
         import cxrgaze.losses as L
-        from cxrgaze.explain import attribute, heatmap
+        from cxrgaze.explain import generator_maps
         from cxrgaze.models import class_logits
 
         original = L.objective
@@ -104,7 +107,7 @@ def apply_ablations(names: set[str]) -> None:
                 mask, logits = model(image)
             total = cfg.gamma * L.classification_loss(logits, label, cfg.cls_loss)
             train_map = spec.objective != "set2" or not cfg.detach_generator_target
-            h = heatmap(attribute(model, image, label, spec.rule, create_graph=train_map))
+            h = generator_maps(model, image, label, spec.rule, create_graph=train_map)
             w = 1.0 - cfg.gamma
             if spec.objective == "set1":
                 total = total + w * L.map_loss(h, gaze, cfg.map_loss, eps=cfg.eps)

@@ -11,9 +11,22 @@ of PyTorch's double-backward formulas dominated that step on CPU:
   long chain of full-size elementwise ops. :class:`BatchNormInputGrad` has a hand-derived
   derivative of the same quantity with a few fused reductions.
 
-The values are the true gradients in every case (the tests compare with PyTorch's own
-first and second derivatives); only the way they are computed changes. Outside a
-generator's gradient call the backward is PyTorch's own first-order kernel.
+Batch norm inside a generator's gradient call (``switch.generating``): a generator map
+belongs to one image. Train-mode batch norm normalises with the batch's mean and
+variance, and its true input gradient goes back through them, so the map of image ``i``
+would contain the gradients of the other images' logits. While a generator runs, the
+batch statistics are therefore constants of the backward: the input gradient is
+``g * w * invstd`` per channel, what eval-mode batch norm does with its running
+statistics (:class:`FrozenStatsInputGrad`). The forward is unchanged (one shared
+forward, the batch's statistics, running statistics updated once), and the derivative
+of that map with respect to the parameters is exact, including the dependence of
+``invstd`` on the batch. Every rule (``grad`` too) goes through it; outside a
+generator's call batch norm's backward is its true gradient.
+
+The values are the true derivatives of the functions computed in every case (the
+tests compare with PyTorch's own first and second derivatives); only the way they are
+computed changes. Outside a generator's gradient call the backward is PyTorch's own
+first-order kernel.
 """
 
 from __future__ import annotations
@@ -25,7 +38,6 @@ from torch import Tensor
 from cxrgaze.explain.rules import Switch
 
 _aten = torch.ops.aten
-_DIMS = (0, 2, 3)
 
 
 def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
@@ -101,7 +113,9 @@ def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
 
 
 class TracedBatchNorm(torch.autograd.Function):
-    """Train-mode ``F.batch_norm`` whose input gradient is :class:`BatchNormInputGrad`.
+    """Train-mode ``F.batch_norm`` whose input gradient is :class:`BatchNormInputGrad`, or,
+    inside a generator's gradient call, :class:`FrozenStatsInputGrad` (the batch's
+    statistics held constant: no image's map depends on another image's logit).
 
     ``stats`` is ``(running_mean, running_var)`` (either may be ``None``); they are
     updated in place exactly as by ``F.batch_norm``.
@@ -118,8 +132,13 @@ class TracedBatchNorm(torch.autograd.Function):
     def backward(ctx, g: Tensor):  # type: ignore[override]
         x, weight, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if ctx.switch.generating:
-            need_w = need_b = False
+        if ctx.switch.generating:  # a generator asks for the input gradient only
+            gx = None
+            if need_x and torch.is_grad_enabled():
+                gx = FrozenStatsInputGrad.apply(g, x, weight, mean, invstd)
+            elif need_x:
+                gx = g * _channel(_scale(weight, invstd, _acc(x)), g)
+            return gx, None, None, None, None, None, None
         gx = gw = gb = None
         if torch.is_grad_enabled() and need_x:
             gx = BatchNormInputGrad.apply(g, x, weight, mean, invstd, ctx.eps)
@@ -134,13 +153,13 @@ class TracedBatchNorm(torch.autograd.Function):
 
 def traced_batch_norm(args: tuple, kwargs: dict, switch: Switch) -> Tensor | None:
     """``F.batch_norm(*args, **kwargs)`` through :class:`TracedBatchNorm` in train mode,
-    or ``None`` (run natively) in eval mode or for inputs that are not (B, C, H, W)."""
+    or ``None`` (run natively) in eval mode or for inputs that are not (B, C, ...)."""
     names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
     defaults = (None, None, None, None, None, False, 0.1, 1e-5)
     x, rm, rv, weight, bias, training, momentum, eps = (
         args[i] if i < len(args) else kwargs.get(n, d) for i, (n, d) in enumerate(zip(names, defaults))
     )
-    if not training or x.ndim != 4:
+    if not training or x.ndim < 2:
         return None
     return TracedBatchNorm.apply(x, weight, bias, (rm, rv), float(momentum or 0.0), float(eps), switch)
 
@@ -176,27 +195,19 @@ class BatchNormInputGrad(torch.autograd.Function):
         g, x, weight, mean, invstd = ctx.saved_tensors
         need_g, need_x, need_w = ctx.needs_input_grad[:3]
         count = x.numel() // x.shape[1]
-        acc = torch.promote_types(x.dtype, torch.float32)  # accumulate in >= float32
-
-        def sums(a: Tensor, b: Tensor, centre: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-            """Per channel ``sum(a * (b - centre) * scale)`` and ``sum(a)`` in one fused pass
-            (the weight and bias gradients of batch norm), without a product tensor."""
-            _, s_ab, s_a = _aten.native_batch_norm_backward(
-                a, b, None, None, None, centre, scale, True, 0.0, [False, True, True]
-            )
-            return s_ab.to(acc), s_a.to(acc)
+        acc = _acc(x)
 
         r = invstd.to(acc)  # (C,)
         w = weight.to(acc) if weight is not None else torch.ones_like(r)
-        sum_gxh, sum_g = sums(g, x, mean, invstd)
-        sum_vxh, sum_v = sums(v, x, mean, invstd)
-        sum_vg, _ = sums(v, g, torch.zeros_like(mean), torch.ones_like(invstd))
+        sum_gxh, sum_g = _channel_sums(g, x, mean, invstd, acc)
+        sum_vxh, sum_v = _channel_sums(v, x, mean, invstd, acc)
+        sum_vg, _ = _channel_sums(v, g, torch.zeros_like(mean), torch.ones_like(invstd), acc)
         a = sum_g / count
         b = sum_gxh / count  # mean(g * xh)
         dw = r * (sum_vg - a * sum_v - b * sum_vxh)  # (C,)
 
-        def chan(t: Tensor) -> Tensor:  # (C,) -> (1, C, 1, 1) in the activations' dtype
-            return t.to(x.dtype).view(1, -1, 1, 1)
+        def chan(t: Tensor) -> Tensor:  # (C,) -> (1, C, 1, ...) in the activations' dtype
+            return _channel(t, x)
 
         grad_g = grad_x = grad_w = None
         if need_g:
@@ -214,3 +225,71 @@ class BatchNormInputGrad(torch.autograd.Function):
         if need_w and weight is not None:
             grad_w = dw.to(weight.dtype)
         return grad_g, grad_x, grad_w, None, None, None
+
+
+class FrozenStatsInputGrad(torch.autograd.Function):
+    """The input gradient of train-mode batch norm with the batch statistics held
+    constant, ``gx = g * w * r`` per channel (``r`` the inverse std), as in eval mode; the
+    backward of batch norm inside a generator's gradient call.
+
+    ``r = (var(x) + eps) ** -0.5`` (biased variance over the ``M`` values of a channel) is
+    still a function of the batch, and so of the parameters: the derivative keeps that
+    dependence, so the second-order gradient of a map is exact. Given ``v``, the gradient
+    arriving at ``gx``, and ``L = sum(v * gx)``: ``dL/dg = v * w * r``,
+    ``dL/dw = r * sum(v * g)`` and ``dL/dx = -(w * r**3 / M) * sum(v * g) * (x - mean)``
+    (sums per channel; ``mean`` does not enter ``gx``). Differentiable once more, not twice.
+    """
+
+    @staticmethod
+    def forward(ctx, g, x, weight, mean, invstd):  # type: ignore[override]
+        ctx.save_for_backward(g, x, weight, mean, invstd)
+        return g * _channel(_scale(weight, invstd, _acc(x)), g)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, v: Tensor):  # type: ignore[override]
+        g, x, weight, mean, invstd = ctx.saved_tensors
+        need_g, need_x, need_w = ctx.needs_input_grad[:3]
+        need_w = need_w and weight is not None
+        acc = _acc(x)
+        r = invstd.to(acc)  # (C,)
+        grad_g = grad_x = grad_w = None
+        if need_g:
+            grad_g = v * _channel(_scale(weight, invstd, acc), v)
+        if need_x or need_w:
+            sum_vg, _ = _channel_sums(v, g, torch.zeros_like(mean), torch.ones_like(invstd), acc)
+            if need_w:
+                grad_w = (r * sum_vg).to(weight.dtype)
+            if need_x:
+                count = x.numel() // x.shape[1]
+                coef = -_scale(weight, invstd, acc) * r.square() * sum_vg / count  # (C,)
+                # coef * (x - mean), in one pass
+                grad_x = torch.addcmul(_channel(-coef * mean.to(acc), x), x, _channel(coef, x))
+        return grad_g, grad_x, grad_w, None, None
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    """The dtype of per-channel sums and scales: ``x``'s, at least float32."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _scale(weight: Tensor | None, invstd: Tensor, acc: torch.dtype) -> Tensor:
+    """Per channel ``w * invstd`` (C,) in ``acc`` (``w = 1`` without affine weight)."""
+    r = invstd.to(acc)
+    return r if weight is None else weight.to(acc) * r
+
+
+def _channel(t: Tensor, like: Tensor) -> Tensor:
+    """(C,) -> (1, C, 1, ...) broadcastable against ``like``, in ``like``'s dtype."""
+    return t.to(like.dtype).view(1, -1, *([1] * (like.ndim - 2)))
+
+
+def _channel_sums(
+    a: Tensor, b: Tensor, centre: Tensor, scale: Tensor, acc: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Per channel ``sum(a * (b - centre) * scale)`` and ``sum(a)`` in one fused pass (the
+    weight and bias gradients of batch norm), without a product tensor; in ``acc``."""
+    _, s_ab, s_a = _aten.native_batch_norm_backward(
+        a, b, None, None, None, centre, scale, True, 0.0, [False, True, True]
+    )
+    return s_ab.to(acc), s_a.to(acc)

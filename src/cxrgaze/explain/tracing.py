@@ -5,7 +5,9 @@ Inside ``with trace(model) as tr:`` every activation call (``nn.ReLU``/``F.relu`
 ``torch.relu``/``x.relu_()``, ReLU6/hardtanh, ``nn.SiLU``/``F.silu`` and the Swish modules
 of timm, ``torch.sigmoid`` gates) is routed through :class:`~cxrgaze.explain.rules.RuleActivation`,
 whose forward is the true activation. Its backward is the true derivative, except
-while :meth:`Trace.attribute` runs, when it applies the requested rule. So one forward
+while :meth:`Trace.attribute` runs, when it applies the requested rule (and train-mode
+batch norm holds the batch's statistics constant, so that a map belongs to one image:
+:mod:`cxrgaze.explain.ops`). So one forward
 serves both the classification loss (true gradients) and the generator (rule
 gradients), and no module is replaced: the routing is a ``TorchFunctionMode`` that ends
 with the ``with`` block, plus, for activation modules built from smaller ops (timm's
@@ -183,8 +185,14 @@ class Trace:
     ) -> Tensor:
         """Gradient of the ``target`` class logits with respect to ``inputs`` under ``rule``.
 
+        Row ``i`` of the result is the attribution of image ``i``'s own logit: train-mode
+        batch norm, which normalises with the batch's statistics, holds them constant in
+        this backward (:mod:`cxrgaze.explain.ops`), so the gradient of the summed logits
+        has no cross-image terms. For maps use :func:`cxrgaze.explain.generator_maps`.
+
         ``class_logits`` (B, K) must come from a forward of ``inputs`` traced by this
-        object (for ``grad`` any forward will do). The graph is kept (``retain_graph``)
+        object (``grad`` runs on any forward, but only a traced one holds train-mode batch
+        statistics constant). The graph is kept (``retain_graph``)
         so that a loss on the same forward can still be backpropagated. With
         ``create_graph=True`` the result is differentiable with respect to the parameters.
         Returns a tensor shaped like ``inputs``.
@@ -227,8 +235,11 @@ def trace(model: nn.Module) -> Iterator[Trace]:
     >>> loss = bce(class_logits, y) + map_loss(h, gaze); loss.backward()  # true gradients
 
     Convolutions and train-mode batch norm are traced too, so that the generator's
-    backward is cheap to differentiate (:mod:`cxrgaze.explain.ops`). Leaves no trace on
-    ``model``: no hooks, no replaced modules, also when the block raises.
+    backward is cheap to differentiate (:mod:`cxrgaze.explain.ops`); in the generator's
+    backward, batch norm holds the batch's statistics constant, so each image's map
+    depends on that image alone (the forward, its statistics and the running-statistics
+    update are PyTorch's). Leaves no trace on ``model``: no hooks, no replaced modules,
+    also when the block raises.
     """
     tr = Trace()
     for module in model.modules():
