@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
+import torch
 from mlflow.exceptions import MlflowException
 from PIL import Image
 from pydicom.encaps import encapsulate
@@ -32,6 +33,7 @@ from conftest import VENV_BIN, free_port, tool_env
 from cxrgaze import CLASSES
 from cxrgaze.cli import main
 from cxrgaze.config import DataConfig, from_mapping
+from cxrgaze.models import class_logits
 from cxrgaze.serving.model import CxrGazeModel
 from cxrgaze.serving.preprocess import InputError, Limits, decode_base64, preprocess, read_image
 from cxrgaze.serving.serve import serve_command, serve_env
@@ -187,10 +189,16 @@ def test_bad_images_give_one_line_reasons(make, limits, message):
 def test_pyfunc_outputs(pyfunc, samples, heatmap):
     files = [p.read_bytes() for p in samples.values()]
     out = pyfunc.predict(frame(*files), params={"heatmap": heatmap, "heatmap_size": 48})
-    assert list(out.columns) == [f"prob_{c}" for c in CLASSES] + ["label", "heatmap"]
+    assert list(out.columns) == [f"prob_{c}" for c in CLASSES] + ["scoring", "label", "heatmap"]
     assert len(out) == len(files)
     probs = out[[f"prob_{c}" for c in CLASSES]].to_numpy()
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    # The model was trained with per-class BCE: its scores are per-class sigmoids of the logits.
+    assert set(out["scoring"]) == {"sigmoid"}
+    served = pyfunc.unwrap_python_model()
+    x = torch.from_numpy(served._decode(frame(*files))).float().unsqueeze(1)
+    with torch.no_grad():
+        logits = class_logits(served.model, x)
+    np.testing.assert_allclose(probs, torch.sigmoid(logits).numpy(), atol=1e-6)
     assert set(out["label"]) <= set(CLASSES)
     assert list(out["label"]) == [CLASSES[k] for k in probs.argmax(axis=1)]
     for encoded in out["heatmap"]:
@@ -358,7 +366,8 @@ def test_predict_cli_writes_json_lines_and_overlays(registry, samples, tmp_path,
     assert code == 2  # one file failed; the others were still predicted
     assert [line["file"] for line in lines] == files + [str(bad)]
     for line, path in zip(lines, samples.values()):
-        assert line["label"] in CLASSES and abs(sum(line[f"prob_{c}"] for c in CLASSES) - 1) < 1e-5
+        assert line["label"] in CLASSES and line["scoring"] == "sigmoid"
+        assert line["label"] == max(CLASSES, key=lambda c: line[f"prob_{c}"])
         with Image.open(line["overlay"]) as overlay:
             assert overlay.mode == "RGB" and overlay.size == read_image(path.read_bytes()).shape[::-1]
     assert lines[-1]["error"].startswith("not an image")

@@ -43,7 +43,8 @@ from cxrgaze.distributed import (DistContext, all_reduce_, all_reduce_gradients,
                                  broadcast_module, broadcast_object, context_from_env, init_from_env, is_active)
 from cxrgaze.losses import compute_loss
 from cxrgaze.metrics import auc_summary
-from cxrgaze.models import build_model, class_logits
+from cxrgaze.models import build_model
+from cxrgaze.predict import predict_logits, scores_from_logits
 from cxrgaze.runtime import resolve_device, seed_everything
 
 CHECKPOINT_FORMAT = 1
@@ -152,19 +153,12 @@ def _to_batch(data: SplitTensors, idx: torch.Tensor, device: torch.device,
     return {"image": images.to(device), "gaze": gaze.to(device), "label": data.labels[idx].to(device)}
 
 
-@torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 64) -> torch.Tensor:
-    """Class logits (N, K) of ``images`` (N, 1, S, S) through the encoder and head only."""
-    model.eval()
-    out = [class_logits(model, images[i:i + batch_size].to(device, torch.float32)).float().cpu()
-           for i in range(0, len(images), batch_size)]
-    return torch.cat(out) if out else torch.empty(0, 0)
-
-
-def evaluate_split(model: nn.Module, data: SplitTensors, device: torch.device, prefix: str, batch_size: int = 64) -> dict[str, float]:
-    """Macro and per-class one-vs-rest AUC of the model on one split."""
-    logits = predict_logits(model, data.images, device, batch_size)
-    return auc_summary(data.labels.numpy(), torch.softmax(logits, dim=1).numpy(), prefix=prefix)
+def evaluate_split(model: nn.Module, data: SplitTensors, device: torch.device, prefix: str, cls_loss: str,
+                   batch_size: int = 64) -> dict[str, float]:
+    """Macro and per-class one-vs-rest AUC of the model on one split, on the scores of
+    ``cls_loss`` (:func:`cxrgaze.predict.scores_from_logits`)."""
+    scores = scores_from_logits(predict_logits(model, data.images, device, batch_size), cls_loss)
+    return auc_summary(data.labels.numpy(), scores.numpy(), prefix=prefix)
 
 
 def train(
@@ -287,7 +281,8 @@ def train(
         bar.close()
         record: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         record.update({f"train_{k}": s / len(train_data) for k, s in sums.items()})
-        val = evaluate_split(model, val_data, device, prefix="val_", batch_size=cfg.eval_batch_size) if ctx.is_main else None
+        val = evaluate_split(model, val_data, device, prefix="val_", cls_loss=config.loss.cls_loss,
+                             batch_size=cfg.eval_batch_size) if ctx.is_main else None
         record.update(broadcast_object(val))  # rank 0 evaluates; every rank agrees on the best epoch
         if scheduler is not None:
             scheduler.step()
@@ -412,12 +407,32 @@ def _write_history_csv(history: list[dict[str, Any]], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def resolve_run_config(params: dict[str, Any], variant: str, where: str = "params.yaml") -> RunConfig:
-    """The RunConfig of ``variant`` from a params mapping.
+def run_seeds(params: dict[str, Any], where: str = "params.yaml") -> tuple[int, ...]:
+    """The training seeds of a params mapping: ``train.seeds`` (a list: every variant is
+    trained once per seed), or ``(train.seed,)`` when there is no list."""
+    from cxrgaze.config import ConfigError
+
+    train_section = params.get("train") or {}
+    seeds = train_section.get("seeds")
+    if seeds is None:
+        return (int(train_section.get("seed", TrainConfig.seed)),)
+    if (not isinstance(seeds, (list, tuple)) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"{where}: train.seeds must be a non-empty list of distinct non-negative integers, got {seeds!r}")
+    if "seed" in train_section:
+        raise ConfigError(f"{where}: train has both seed and seeds; keep one")
+    return tuple(seeds)
+
+
+def resolve_run_config(params: dict[str, Any], variant: str, where: str = "params.yaml",
+                       seed: int | None = None) -> RunConfig:
+    """The RunConfig of ``variant`` (for one training ``seed``) from a params mapping.
 
     ``model``, ``loss`` and ``train`` give the common settings; ``variants.<variant>`` may
     override any of them with its own ``model:``/``loss:``/``train:`` mappings (the
-    reference tuned the baseline and the U-Net separately).
+    reference tuned the baseline and the U-Net separately). ``seed`` defaults to the first
+    of :func:`run_seeds`.
     """
     from cxrgaze.config import VARIANTS, ConfigError, from_mapping
 
@@ -432,6 +447,8 @@ def resolve_run_config(params: dict[str, Any], variant: str, where: str = "param
         merged = {**(params.get(name) or {}), **(overrides.get(name) or {})}
         if name == "train":
             merged["variant"] = variant
+            merged.pop("seeds", None)
+            merged["seed"] = run_seeds(params, where)[0] if seed is None else seed
         sections[name] = merged
     return RunConfig(
         model=from_mapping(ModelConfig, sections["model"], where=f"{where}: model"),

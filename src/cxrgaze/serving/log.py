@@ -40,8 +40,8 @@ SERVING_REQUIREMENTS: tuple[str, ...] = (
 
 def signature(data_config: DataConfig, has_decoder: bool, classes: tuple[str, ...] = CLASSES) -> ModelSignature:
     """Input ``image`` (string), params ``heatmap`` and ``heatmap_size``, the output columns."""
-    outputs = [ColSpec(DataType.double, name) for name in output_columns(classes)[:-2]]
-    outputs += [ColSpec(DataType.string, "label"), ColSpec(DataType.string, "heatmap")]
+    outputs = [ColSpec(DataType.double if name.startswith("prob_") else DataType.string, name)
+               for name in output_columns(classes)]
     return ModelSignature(
         inputs=Schema([ColSpec(DataType.string, INPUT_COLUMN)]),
         outputs=Schema(outputs),
@@ -50,15 +50,34 @@ def signature(data_config: DataConfig, has_decoder: bool, classes: tuple[str, ..
     )
 
 
-def log_model(checkpoint: Path, data_config: DataConfig, input_example: bytes, name: str = "model",
+def example_dicom(side: int = 128) -> bytes:
+    """A DICOM made for the purpose of being the logged model's input example: a synthetic
+    PA chest phantom (``side`` x ``side``, 12-bit DX, explicit VR little endian) with fixed,
+    made-up identifiers. Never a file of the user's data: patient data must not travel
+    inside a model artifact."""
+    import numpy as np
+
+    from cxrgaze.data.synth_dicom import Acquisition, encode, stored_pixels
+    from cxrgaze.data.synth_phantom import render, sample_anatomy
+
+    rng = np.random.default_rng(0)
+    phantom = render(sample_anatomy(rng, "Normal"), side, side, rng)
+    acq = Acquisition(syntax="explicit", monochrome1=False, rescale=None, window=False, low=200, high=3800)
+    return encode(stored_pixels(phantom.image, acq), acq, dicom_id="cxrgaze-input-example", patient_id="EXAMPLE",
+                  study_id="1", sex="O", study_date="20000101", spacing_mm=0.7, burned_in=False, shape=(side, side))
+
+
+def log_model(checkpoint: Path, data_config: DataConfig, input_example: bytes | None = None, name: str = "model",
               limits: Limits = Limits()) -> ModelInfo:
     """Log the served model of ``checkpoint`` into the active MLflow run; register ``.model_uri``.
 
     ``data_config`` must be the one ``prepare`` used for the training arrays (it drives the
-    served preprocessing); ``input_example`` is the bytes of a real DICOM, logged base64
-    as the model's input example; ``limits`` bound each served image (overridable where
-    the model runs, see :class:`~cxrgaze.serving.preprocess.Limits`).
+    served preprocessing); ``input_example`` is the bytes of a DICOM logged base64 as the
+    model's input example (default :func:`example_dicom`, made for the purpose);
+    ``limits`` bound each served image (overridable where the model runs, see
+    :class:`~cxrgaze.serving.preprocess.Limits`).
     """
+    input_example = example_dicom() if input_example is None else input_example
     from cxrgaze.train import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)

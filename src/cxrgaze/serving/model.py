@@ -5,9 +5,11 @@ JPEG are accepted too; standard base64 alphabet, no line breaks). Other columns 
 ignored (MLflow's schema enforcement drops them). Params (optional): ``heatmap`` (``mask``, ``gbp``, ``gradcam`` or
 ``none``) and ``heatmap_size`` (side of the returned PNG, pixels, 8 to 2048; default the
 model's input size). Output, one row per input row: ``prob_Normal``, ``prob_CHF``,
-``prob_pneumonia`` (softmax of the class logits), ``label`` (the most probable class) and
-``heatmap`` (base64 PNG, 8-bit grey, ``heatmap_size`` square, on the model's input grid;
-an empty string for ``none``).
+``prob_pneumonia`` (the class scores of the training objective, :mod:`cxrgaze.predict`:
+sigmoid per class for a model trained with per-class BCE, so they need not sum to 1;
+softmax for cross-entropy), ``scoring`` (``sigmoid`` or ``softmax``: which of the two),
+``label`` (the class with the highest score) and ``heatmap`` (base64 PNG, 8-bit grey,
+``heatmap_size`` square, on the model's input grid; an empty string for ``none``).
 
 Heatmaps: ``mask`` is the U-Net decoder's mask (sigmoid of its logits), from the same
 forward pass as the class logits; ``gbp`` (guided backpropagation) and ``gradcam`` explain
@@ -54,6 +56,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 
 from cxrgaze.config import DataConfig, ModelConfig, from_mapping
+from cxrgaze.predict import scores_from_logits, scoring_rule
 from cxrgaze.serving.preprocess import InputError, Limits, decode_base64, preprocess
 
 HEATMAPS: tuple[str, ...] = ("mask", "gbp", "gradcam", "none")
@@ -67,8 +70,8 @@ ARTIFACT_CONFIG = "config"
 
 
 def output_columns(classes: tuple[str, ...] | list[str]) -> list[str]:
-    """``prob_<class>`` for each class, then ``label`` and ``heatmap``."""
-    return [f"prob_{c}" for c in classes] + ["label", "heatmap"]
+    """``prob_<class>`` for each class, then ``scoring``, ``label`` and ``heatmap``."""
+    return [f"prob_{c}" for c in classes] + ["scoring", "label", "heatmap"]
 
 
 def default_heatmap(has_decoder: bool) -> str:
@@ -104,6 +107,7 @@ class CxrGazeModel(mlflow.pyfunc.PythonModel):
         model_config = from_mapping(ModelConfig, checkpoint["config"]["model"], where="checkpoint: model")
         model = build_model(model_config, variant=checkpoint["config"]["train"]["variant"])
         model.load_state_dict(checkpoint["model"])
+        self.cls_loss = checkpoint["config"]["loss"]["cls_loss"]
         self.device = resolve_device(os.environ.get("CXRGAZE_DEVICE", "auto"))
         self.model = model.to(self.device).eval()
         for p in self.model.parameters():
@@ -124,6 +128,7 @@ class CxrGazeModel(mlflow.pyfunc.PythonModel):
                 maps.append(m)
         prob = np.concatenate(probs)  # (B, K)
         table = pd.DataFrame({f"prob_{c}": prob[:, k].astype(np.float64) for k, c in enumerate(self.classes)})
+        table["scoring"] = scoring_rule(self.cls_loss)
         table["label"] = [self.classes[k] for k in prob.argmax(axis=1)]
         if heatmap == "none":
             table["heatmap"] = ""
@@ -169,8 +174,7 @@ class CxrGazeModel(mlflow.pyfunc.PythonModel):
     def _infer(self, x: torch.Tensor, heatmap: str) -> tuple[np.ndarray, np.ndarray | None]:
         """Class probabilities (b, K) and heatmaps (b, S, S) in [0, 1] (None for ``none``) of
         grey images ``x`` (b, 1, S, S)."""
-        from cxrgaze.explain import heatmap as to_map
-        from cxrgaze.explain import trace
+        from cxrgaze.explain import generator_maps, trace
         from cxrgaze.explain.gradcam import gradcam
         from cxrgaze.models import class_logits
 
@@ -179,8 +183,7 @@ class CxrGazeModel(mlflow.pyfunc.PythonModel):
             x = x.requires_grad_(True)
             with torch.enable_grad(), trace(self.model) as tr:
                 logits = class_logits(self.model, x)  # (b, K); one traced forward for both
-                attribution = tr.attribute(logits, x, logits.argmax(dim=1), "gbp")
-            maps = to_map(attribution)[:, 0]
+                maps = generator_maps(self.model, x, logits.argmax(dim=1), "gbp", traced_forward=(tr, logits))[:, 0]
             logits = logits.detach()
         else:
             with torch.no_grad():
@@ -191,7 +194,7 @@ class CxrGazeModel(mlflow.pyfunc.PythonModel):
                     logits = class_logits(self.model, x)
             if heatmap == "gradcam":
                 maps = gradcam(self.model, x, logits.argmax(dim=1))
-        probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        probs = scores_from_logits(logits, self.cls_loss).cpu().numpy()
         if isinstance(maps, torch.Tensor):
             maps = maps.detach().float().cpu().numpy()
         return probs, maps

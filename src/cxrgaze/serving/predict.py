@@ -5,7 +5,7 @@ from the tracking store that ``MLFLOW_TRACKING_URI`` names; any model URI or loc
 folder works) and each file goes through the same ``predict`` as a served request, one
 file per call, so that one bad file is reported and the others still run.
 
-For each file, one JSON object: ``file``, ``prob_<class>``..., ``label`` and ``overlay``
+For each file, one JSON object: ``file``, ``prob_<class>``..., ``scoring``, ``label`` and ``overlay``
 (the path of the overlay PNG, or null), or ``file`` and ``error``. The overlay is the
 image (at most :data:`OVERLAY_MAX_SIDE` pixels on its long side, original aspect ratio)
 with the heatmap in the ``jet`` colour map blended in proportion to its value, so cool
