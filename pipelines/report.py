@@ -1,9 +1,12 @@
 """DVC stage `report`: every variant side by side, with paired tests against unet and baseline.
 
-Usage (from dvc.yaml): python pipelines/report.py EVAL_ROOT OUT_DIR
-Reads params.yaml: variants (which and in what order), evaluate (resamples, seed).
-Writes OUT_DIR/results.md, results.json (for `dvc metrics show`), paired.csv, and logs the
-paired differences into each variant's MLflow run.
+Usage (from dvc.yaml): python pipelines/report.py EVAL_ROOT OUT_DIR TUNE_JSON
+Reads params.yaml: variants (which and in what order), evaluate (resamples, confidence, seed),
+each variant's EVAL_ROOT/<variant>/metrics.json and scores.npz, and TUNE_JSON (the `tune`
+stage's metrics: which variants were tuned, with how many trials).
+Writes OUT_DIR/results.md, results.json (for `dvc metrics show`), paired.csv (one row per
+reference, variant and target: macro or class), and logs the macro paired differences into
+each variant's MLflow run.
 """
 
 import sys
@@ -17,13 +20,14 @@ def main() -> None:
     from cxrgaze.config import from_mapping, load_params
     from cxrgaze.evaluate import EvalConfig
     from cxrgaze.experiment import log_report
-    from cxrgaze.report import build_report, write_report
+    from cxrgaze.report import build_report, read_tuning, write_report
 
-    eval_root, out_dir = sys.argv[1:3]
+    eval_root, out_dir, tune_json = sys.argv[1:4]
     params = load_params(PARAMS)
     config = from_mapping(EvalConfig, params.get("evaluate"), where=f"{PARAMS}: evaluate")
     report = build_report(eval_root, list(params.get("variants") or {}), n_resamples=config.n_resamples,
-                          seed=config.seed)
+                          seed=config.seed, confidence=config.confidence, specificity=config.specificity,
+                          tuning=read_tuning(tune_json))
     paths = write_report(report, out_dir)
     log_report(report, eval_root, paths)
     print(paths["markdown"].read_text())

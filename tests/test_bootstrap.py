@@ -1,4 +1,5 @@
-"""Vectorised resampled AUC against sklearn; percentile, paper and paired bootstraps."""
+"""Vectorised resampled AUC against sklearn; percentile, paper and paired bootstraps;
+bootstrap p-values and their text."""
 
 from __future__ import annotations
 
@@ -10,16 +11,22 @@ import pytest
 from cxrgaze.evaluation import bootstrap
 from cxrgaze.evaluation.bootstrap import (
     Interval,
+    PairedDifference,
     PairedResult,
     auc_counts,
     auc_resampled,
     auc_resampled_loop,
     bootstrap_indices,
+    bootstrap_p_value,
+    format_p,
     macro,
+    p_floor,
+    paired_auc_bootstrap,
     paired_bootstrap,
     paper_bootstrap,
     paper_resample_counts,
     percentile_bootstrap,
+    percentile_interval,
 )
 from cxrgaze.metrics import auc_summary
 
@@ -246,3 +253,87 @@ def test_paired_p_value_definition():
     expected = min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0)))
     assert result.p_value == expected and 0.0 <= result.p_value <= 1.0
     assert (result.low, result.high) == tuple(np.percentile(d, [2.5, 97.5]))
+
+
+def test_paired_per_class_and_macro_use_the_same_resamples():
+    y, a = synthetic(70, seed=17)
+    b = a + np.random.default_rng(18).normal(scale=1.5, size=a.shape)
+    table = paired_auc_bootstrap(y, a, b, n_resamples=250, seed=3)
+    assert set(table) == {"macro", "Normal", "CHF", "pneumonia"}
+    indices = bootstrap_indices(70, 250, seed=3)
+    auc_a, auc_b = auc_resampled_loop(y, a, indices), auc_resampled_loop(y, b, indices)  # the slow reference
+    full_a, full_b = auc_summary(y, a), auc_summary(y, b)
+    columns = {"macro": macro(auc_a) - macro(auc_b), **{c: auc_a[:, k] - auc_b[:, k]
+                                                           for k, c in enumerate(("Normal", "CHF", "pneumonia"))}}
+    for key, d in columns.items():
+        entry = table[key]
+        assert isinstance(entry, PairedDifference) and entry.n_resamples == entry.n_valid == 250
+        assert entry.difference == pytest.approx(full_a[f"auc_{key}"] - full_b[f"auc_{key}"], abs=1e-12)
+        low, high = np.percentile(d, [2.5, 97.5])
+        assert entry.low == pytest.approx(low, abs=1e-12) and entry.high == pytest.approx(high, abs=1e-12)
+        tail = min((d <= 1e-12).sum(), (d >= -1e-12).sum())
+        assert entry.p_value == (min(1.0, 2 * tail / 250) if tail else 1 / 251)
+        assert entry.p_at_floor == (tail == 0)
+    macro_only = paired_bootstrap(y, a, b, n_resamples=250, seed=3)
+    assert (macro_only.difference, macro_only.low, macro_only.high, macro_only.p_value) == (
+        table["macro"].difference, table["macro"].low, table["macro"].high, table["macro"].p_value)
+    assert macro_only.per_class == {k: table[k].difference for k in ("Normal", "CHF", "pneumonia")}
+
+
+def test_paired_p_value_floor_when_no_resample_crosses_zero():
+    rng = np.random.default_rng(19)
+    y = rng.integers(0, 3, 200)
+    perfect, random = np.eye(3)[y], rng.random((200, 3))
+    table = paired_auc_bootstrap(y, perfect, random, n_resamples=400, seed=0)
+    for entry in table.values():
+        assert entry.p_at_floor and entry.p_value == 1 / 401 and entry.low > 0
+    assert paired_bootstrap(y, perfect, random, n_resamples=400).p_at_floor
+    same = paired_auc_bootstrap(y, random, random.copy(), n_resamples=50)
+    assert all(e.p_value == 1.0 and not e.p_at_floor and e.difference == 0.0 for e in same.values())
+
+
+def test_bootstrap_p_value_hand_computed():
+    # 10 resamples, 2 at or below zero, 8 above: p = 2 * 2 / 10
+    d = np.array([-0.1, 0.0, 0.2, 0.3, 0.1, 0.4, 0.5, 0.2, 0.3, 0.1])
+    assert bootstrap_p_value(d) == (0.4, False)
+    assert bootstrap_p_value(np.r_[d, np.nan]) == (0.4, False)  # NaN resamples do not count
+    assert bootstrap_p_value(np.abs(d) + 0.01) == (1 / 11, True)  # none crossed: floor 1/(R+1)
+    assert bootstrap_p_value(np.zeros(5)) == (1.0, False)
+    assert bootstrap_p_value(-np.abs(d) - 0.01) == (1 / 11, True)  # two-sided
+    p, flag = bootstrap_p_value(np.array([np.nan]))
+    assert np.isnan(p) and not flag
+    assert p_floor(2000) == 1 / 2001
+
+
+@pytest.mark.parametrize("p, n, bound, text", [
+    (1 / 2001, 2000, False, "< 0.0005"),
+    (1 / 1001, 1000, False, "< 0.001"),
+    (1 / 301, 300, False, "< 0.004"),  # 0.00332 rounded UP: the text stays a true bound
+    (0.0, 2000, False, "< 0.0005"),
+    (2 / 2000, 2000, False, "0.0010"),
+    (0.046, 2000, False, "0.046"),
+    (0.34, None, False, "0.34"),
+    (1.0, 2000, False, "1.00"),
+    (0.012345, None, False, "0.012"),
+    (3e-9, None, False, "< 0.0001"),
+    (60 / 2001, 2000, True, "< 0.030"),
+    (float("nan"), 2000, False, "n/a"),
+    (None, 2000, False, "n/a"),
+])
+def test_format_p(p, n, bound, text):
+    assert format_p(p, n, upper_bound=bound) == text
+
+
+def test_format_p_never_prints_zero():
+    for n in (100, 999, 2000, 10_000):
+        for p in (p_floor(n), 2 / n, 3 / n):
+            assert not set(format_p(p, n).lstrip("< ")) <= set("0.")
+
+
+def test_percentile_interval():
+    values = np.r_[np.arange(101, dtype=float), np.nan]
+    iv = percentile_interval(0.5, values, confidence=0.9)
+    assert (iv.estimate, iv.n_resamples, iv.n_valid, iv.method) == (0.5, 102, 101, "percentile")
+    assert (iv.low, iv.high) == pytest.approx((5.0, 95.0), abs=1e-12)
+    with pytest.raises(ValueError, match="confidence"):
+        percentile_interval(0.5, values, confidence=1.5)

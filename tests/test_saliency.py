@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cxrgaze.evaluation.saliency import (
     auc_judd,
+    average_by_map,
     box_mass,
     cc,
     kl,
@@ -16,6 +18,7 @@ from cxrgaze.evaluation.saliency import (
     nss,
     saliency_scores,
     sim,
+    sim_benchmark,
 )
 
 RNG = np.random.default_rng(0)
@@ -40,6 +43,53 @@ def test_kl_and_sim_by_hand():
     assert kl(s, g) == pytest.approx(math.log(2))
     # SIM = min(0.25, 0.5) + 0 + 0 + min(0.25, 0.5) = 0.5
     assert sim(s, g) == pytest.approx(0.5)
+
+
+def test_sim_benchmark_by_hand():
+    s = np.array([[1.0, 2.0], [3.0, 4.0]])
+    g = np.array([[0.0, 0.0], [0.0, 1.0]])  # q = (0, 0, 0, 1)
+    # benchmark: min-max (0, 1/3, 2/3, 1), sum 2 -> (0, 1/6, 1/3, 1/2); min with q -> 1/2
+    assert sim_benchmark(s, g) == pytest.approx(0.5)
+    # paper: s / 10 = (0.1, 0.2, 0.3, 0.4); min with q -> 0.4
+    assert sim(s, g) == pytest.approx(0.4)
+    s9 = np.arange(1.0, 10.0).reshape(3, 3)  # 1..9
+    g9 = np.zeros((3, 3))
+    g9[2, 2] = 3.0  # all the gaze on the pixel where s = 9
+    # benchmark: (k - 1) / 8 / (36 / 8) = (k - 1) / 36, at k = 9: 8/36; paper: 9/45
+    assert sim_benchmark(s9, g9) == pytest.approx(2 / 9)
+    assert sim(s9, g9) == pytest.approx(1 / 5)
+    # the benchmark's version ignores an offset, the paper's does not
+    assert sim_benchmark(s9 + 5.0, g9) == pytest.approx(2 / 9)
+    assert sim(s9 + 5.0, g9) == pytest.approx(14 / 90)  # 14 / (45 + 45)
+    # any real values: rescaled first
+    assert sim_benchmark(s9 - 100.0, g9) == pytest.approx(2 / 9)
+    assert sim_benchmark(G, G) == pytest.approx(1.0)
+
+
+def test_constant_map_scores():
+    """What each metric gives a constant map, and why (see the module docstring)."""
+    g = np.zeros((3, 3))
+    g[1, 1] = 2.0  # q: all the mass on the centre pixel
+    centre = [[1, 1]]
+    for c in (0.7, 3.0):
+        s = np.full((3, 3), c)
+        assert math.isnan(cc(s, g))  # no variance
+        # p = 1/9 everywhere: KL = 1 * log(eps + 1 / (1/9 + eps)) = log 9
+        assert kl(s, g) == pytest.approx(math.log(9))
+        assert sim(s, g) == pytest.approx(1 / 9)  # min(1/9, 1) on the centre, 0 elsewhere
+        assert math.isnan(sim_benchmark(s, g))  # min-max: 0 / 0
+        assert math.isnan(nss(s, centre))  # std 0
+        assert auc_judd(s, centre) == pytest.approx(0.5)  # TP = FP = 1 at the one threshold
+        assert box_mass(s, [[0, 2, 0, 0]]) == pytest.approx(3 / 9)  # the top row's share of pixels
+    zero = np.zeros((3, 3))
+    assert sim_benchmark(zero, g) == 0.0  # the benchmark leaves an all-zero map as it is
+    assert math.isnan(sim(zero, g))
+    # a constant gaze map: the benchmark's SIM is NaN, the paper's the uniform overlap
+    assert math.isnan(sim_benchmark(S, np.ones_like(S)))
+    assert sim(np.ones((2, 2)), np.ones((2, 2))) == pytest.approx(1.0)
+    scores = saliency_scores(np.full((3, 3), 0.7), g, centre)
+    assert math.isnan(scores["cc"]) and math.isnan(scores["sim_benchmark"]) and math.isnan(scores["nss"])
+    assert scores["sim"] == pytest.approx(1 / 9) and scores["auc_judd"] == pytest.approx(0.5)
 
 
 def test_kl_of_an_all_zero_map_is_large_but_finite():
@@ -91,6 +141,7 @@ def test_identities():
     assert cc(G, G) == pytest.approx(1.0)
     assert kl(G, G) == pytest.approx(0.0, abs=1e-12)
     assert sim(G, G) == pytest.approx(1.0)
+    assert sim_benchmark(G, G) == pytest.approx(1.0)
 
 
 def test_scale_invariance():
@@ -128,7 +179,7 @@ def test_box_mass_by_hand():
 
 
 def test_saliency_scores_keys():
-    assert list(saliency_scores(S, G, FIX)) == ["cc", "kl", "sim", "nss", "auc_judd"]
+    assert list(saliency_scores(S, G, FIX)) == ["cc", "kl", "sim", "sim_benchmark", "nss", "auc_judd"]
     assert "box_mass" in saliency_scores(S, G, FIX, boxes=[[0, 1, 0, 1]])
 
 
@@ -144,6 +195,28 @@ def test_mean_scores_skips_nan_and_counts():
     assert out["n"] == 3
     empty = mean_scores([{"nss": math.nan}])
     assert math.isnan(empty["nss"]) and empty["n"] == 1
+
+
+def test_average_by_map_counts_nan():
+    table = pd.DataFrame({
+        "dicom_id": ["a", "b", "c", "a", "b", "c"],
+        "map": ["gen", "gen", "gen", "cam", "cam", "cam"],
+        "cc": [0.2, math.nan, 0.4, 1.0, 0.0, 0.5],
+        "nss": [math.nan, math.nan, math.nan, 1.0, 2.0, math.inf],
+    })
+    out = average_by_map(table, prefix="test_sal_")
+    assert list(out)[:6] == ["test_sal_gen_cc", "test_sal_gen_cc_n", "test_sal_gen_cc_nan",
+                             "test_sal_gen_nss", "test_sal_gen_nss_n", "test_sal_gen_nss_nan"]
+    assert out["test_sal_gen_cc"] == pytest.approx(0.3)
+    assert (out["test_sal_gen_cc_n"], out["test_sal_gen_cc_nan"]) == (2.0, 1.0)
+    assert math.isnan(out["test_sal_gen_nss"])  # nothing finite: NaN, with the count saying why
+    assert (out["test_sal_gen_nss_n"], out["test_sal_gen_nss_nan"]) == (0.0, 3.0)
+    assert out["test_sal_cam_cc"] == pytest.approx(0.5)
+    assert (out["test_sal_cam_cc_n"], out["test_sal_cam_cc_nan"]) == (3.0, 0.0)
+    assert out["test_sal_cam_nss"] == pytest.approx(1.5)  # inf counted as not finite
+    assert (out["test_sal_cam_nss_n"], out["test_sal_cam_nss_nan"]) == (2.0, 1.0)
+    assert len(out) == 2 * 2 * 3
+    assert "gen_cc" in average_by_map(table)  # no prefix
 
 
 def test_bad_inputs_raise():

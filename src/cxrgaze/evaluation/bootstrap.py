@@ -23,8 +23,10 @@ Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13): full-size resampl
 AUC on all test cases as the estimate, the (1 - confidence)/2 and (1 + confidence)/2
 percentiles of the resampled AUCs as the interval. :func:`paper_bootstrap` is the protocol
 of Watanabe, Ketabi, Namdar and Khalvati (30 resamples of 55 to 60 cases, 2.5th / 50th /
-97.5th percentiles reported). :func:`paired_bootstrap` compares two models' macro AUC on the
-same resamples.
+97.5th percentiles reported). :func:`paired_auc_bootstrap` compares two models' macro and
+per-class AUCs on the same resamples (:func:`paired_bootstrap`: its macro entry), with a
+two-sided p-value floored at ``1 / (R + 1)`` (:func:`bootstrap_p_value`; print it with
+:func:`format_p`, which writes ``< 0.0005`` rather than ``0.000``).
 
 **Macro AUC of a resample** is the mean over the classes that have an AUC in that resample
 (NaN when none has), as :func:`cxrgaze.metrics.auc_summary` does on the full data. Keys of
@@ -33,6 +35,7 @@ the result dicts are ``"macro"`` and the class names (``cxrgaze.CLASSES`` by def
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -87,8 +90,9 @@ def _row_chunks(n_rows: int, row_elements: int) -> Iterator[slice]:
         yield slice(start, min(start + step, n_rows))
 
 
-def _check_inputs(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``y_true`` (N,) integer class indices and ``scores`` (N, K) finite float64, N >= 1."""
+def check_inputs(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and convert: ``y_true`` (N,) integer class indices and ``scores`` (N, K)
+    finite float64, N >= 1; a ``ValueError`` otherwise. Returns the two arrays."""
     y_true = np.asarray(y_true)
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 2 or y_true.shape != scores.shape[:1] or not y_true.size:
@@ -116,7 +120,7 @@ def auc_counts(y_true: np.ndarray, scores: np.ndarray, counts: np.ndarray) -> np
     totals). Returns (R, K) float64, NaN where a resample has no positive or no negative
     case of that class. See the module docstring for the method.
     """
-    y_true, scores = _check_inputs(y_true, scores)
+    y_true, scores = check_inputs(y_true, scores)
     counts = _check_table("counts", counts)
     if counts.shape[1] != len(y_true):
         raise ValueError(f"counts must have one column per case ({len(y_true)}), got {counts.shape[1]}")
@@ -139,7 +143,7 @@ def auc_resampled(y_true: np.ndarray, scores: np.ndarray, indices: np.ndarray) -
     Each chunk of rows is turned into multiplicities (``bincount``) and scored as in
     :func:`auc_counts`.
     """
-    y_true, scores = _check_inputs(y_true, scores)
+    y_true, scores = check_inputs(y_true, scores)
     indices = _check_table("indices", indices)
     n = len(y_true)
     if indices.size and (indices.min() < 0 or indices.max() >= n):
@@ -159,7 +163,7 @@ def auc_resampled_loop(y_true: np.ndarray, scores: np.ndarray, indices: np.ndarr
     """The slow reference for :func:`auc_resampled`: a Python loop over resamples, each
     scored with sklearn's ``roc_auc_score`` per class (:func:`cxrgaze.metrics.auc_per_class`).
     Same arguments and (R, K) result; for tests and the benchmark only."""
-    y_true, scores = _check_inputs(y_true, scores)
+    y_true, scores = check_inputs(y_true, scores)
     indices = np.asarray(indices)
     out = np.empty((len(indices), scores.shape[1]))  # (R, K)
     for r, cases in enumerate(indices):
@@ -227,12 +231,34 @@ class Interval:
 
 
 @dataclass(frozen=True)
+class PairedDifference:
+    """One AUC (a class's or the macro) of model a minus that of model b, paired bootstrap.
+
+    ``difference`` is on all cases; ``low``, ``high`` the percentile interval of the
+    resampled differences; ``p_value`` the two-sided bootstrap p-value of a zero
+    difference, floored at ``1 / (n_valid + 1)`` with ``p_at_floor`` True when no resample
+    reached zero (:func:`bootstrap_p_value`); print it with :func:`format_p`."""
+
+    difference: float
+    low: float
+    high: float
+    p_value: float
+    p_at_floor: bool
+    n_resamples: int
+    n_valid: int
+
+    def to_dict(self) -> dict[str, float | int | bool]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class PairedResult:
     """Macro AUC of model a minus that of model b, with a paired bootstrap interval.
 
     ``difference`` and ``per_class`` are on all test cases; ``low``, ``high`` are the
     percentile interval of the resampled macro differences; ``p_value`` is the two-sided
-    bootstrap p-value of a zero difference (see :func:`paired_bootstrap`)."""
+    bootstrap p-value of a zero difference, floored as in :class:`PairedDifference`
+    (see :func:`paired_bootstrap`)."""
 
     difference: float
     low: float
@@ -241,12 +267,14 @@ class PairedResult:
     n_resamples: int
     n_valid: int
     per_class: dict[str, float]
+    p_at_floor: bool = False
 
-    def to_dict(self) -> dict[str, float | int | dict[str, float]]:
+    def to_dict(self) -> dict[str, float | int | bool | dict[str, float]]:
         return asdict(self)
 
 
-def _class_names(class_names: Sequence[str] | None, k: int) -> tuple[str, ...]:
+def resolve_class_names(class_names: Sequence[str] | None, k: int) -> tuple[str, ...]:
+    """The K class names: ``class_names`` checked to have K entries, or ``CLASSES[:k]``."""
     names = tuple(CLASSES[:k] if class_names is None else class_names)
     if len(names) != k:
         raise ValueError(f"{k} score columns but {len(names)} class names {names}")
@@ -291,16 +319,23 @@ def percentile_bootstrap(
     on all cases (as :func:`cxrgaze.metrics.auc_summary`), ``low``/``high`` the
     ``50 (1 -+ confidence)`` percentiles (2.5 and 97.5 for 0.95) of the resampled values
     that are defined. A resample's macro value is the mean over its defined classes."""
-    y_true, scores = _check_inputs(y_true, scores)
-    names = _class_names(class_names, scores.shape[1])
-    lo, hi = _tails(confidence)
+    y_true, scores = check_inputs(y_true, scores)
+    names = resolve_class_names(class_names, scores.shape[1])
+    _tails(confidence)  # a bad confidence fails before the resampling
     estimates = _columns(auc_per_class(y_true, scores), names)  # key -> (1,)
     resampled = _columns(auc_resampled(y_true, scores, bootstrap_indices(len(y_true), n_resamples, seed)), names)
-    out = {}
-    for key, values in resampled.items():
-        (low, high), n_valid = _percentiles(values, (lo, hi))
-        out[key] = Interval(float(estimates[key][0]), low, high, None, n_resamples, n_valid, "percentile")
-    return out
+    return {key: percentile_interval(estimates[key][0], values, confidence) for key, values in resampled.items()}
+
+
+def percentile_interval(estimate: float, resampled: np.ndarray, confidence: float = 0.95) -> Interval:
+    """The percentile-bootstrap interval of any statistic: ``estimate`` its value on all
+    cases, ``resampled`` (R,) its values on R resamples (NaN where undefined). ``low`` and
+    ``high`` are the ``50 (1 -+ confidence)`` percentiles of the defined values, ``method``
+    is ``"percentile"``."""
+    lo, hi = _tails(confidence)
+    resampled = np.asarray(resampled, dtype=np.float64)
+    (low, high), n_valid = _percentiles(resampled, (lo, hi))
+    return Interval(float(estimate), low, high, None, len(resampled), n_valid, "percentile")
 
 
 def paper_bootstrap(
@@ -322,8 +357,8 @@ def paper_bootstrap(
     the test set and only 30 of them, this interval is wider and noisier than the standard
     percentile bootstrap; use it to compare with the paper's tables. ``method`` is
     ``"paper-{n_resamples}x{size[0]}-{size[1]}"``."""
-    y_true, scores = _check_inputs(y_true, scores)
-    names = _class_names(class_names, scores.shape[1])
+    y_true, scores = check_inputs(y_true, scores)
+    names = resolve_class_names(class_names, scores.shape[1])
     counts = paper_resample_counts(len(y_true), n_resamples, size, seed)  # (R, N)
     method = f"paper-{n_resamples}x{size[0]}-{size[1]}"
     out = {}
@@ -331,6 +366,45 @@ def paper_bootstrap(
         (low, median, high), n_valid = _percentiles(values, (2.5, 50.0, 97.5))
         out[key] = Interval(median, low, high, median, n_resamples, n_valid, method)
     return out
+
+
+def paired_auc_bootstrap(
+    y_true: np.ndarray,
+    scores_a: np.ndarray,
+    scores_b: np.ndarray,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, PairedDifference]:
+    """Paired bootstrap of the AUC difference a - b, for the macro AUC and every class.
+
+    ``y_true`` (N,) class indices, ``scores_a`` and ``scores_b`` (N, K) on the same cases.
+    Both models are scored on the SAME resamples (:func:`bootstrap_indices` with ``seed``),
+    so the resampled differences keep the correlation between the two models. Keys
+    ``"macro"`` and the class names; a resample's macro AUC is the mean over its defined
+    classes (the same classes for both models: they depend on the labels only). Each value
+    is a :class:`PairedDifference`: difference on all cases, percentile CI, p-value
+    (:func:`bootstrap_p_value`)."""
+    y_true, scores_a = check_inputs(y_true, scores_a)
+    _, scores_b = check_inputs(y_true, scores_b)
+    if scores_a.shape != scores_b.shape:
+        raise ValueError(f"scores_a and scores_b differ in shape: {scores_a.shape} vs {scores_b.shape}")
+    names = resolve_class_names(class_names, scores_a.shape[1])
+    _tails(confidence)  # a bad confidence fails before the resampling
+    indices = bootstrap_indices(len(y_true), n_resamples, seed)  # (R, N)
+    full = [_columns(auc_per_class(y_true, s), names) for s in (scores_a, scores_b)]  # key -> (1,)
+    resampled = [_columns(auc_resampled(y_true, s, indices), names) for s in (scores_a, scores_b)]  # key -> (R,)
+    return {key: _paired_difference(full[0][key][0] - full[1][key][0], resampled[0][key] - resampled[1][key],
+                                    confidence)
+            for key in full[0]}
+
+
+def _paired_difference(difference: float, resampled: np.ndarray, confidence: float) -> PairedDifference:
+    interval = percentile_interval(difference, resampled, confidence)
+    p_value, at_floor = bootstrap_p_value(resampled)
+    return PairedDifference(interval.estimate, interval.low, interval.high, p_value, at_floor,
+                            interval.n_resamples, interval.n_valid)
 
 
 def paired_bootstrap(
@@ -342,38 +416,73 @@ def paired_bootstrap(
     seed: int = 0,
     class_names: Sequence[str] | None = None,
 ) -> PairedResult:
-    """Paired bootstrap of the macro-AUC difference between models a and b.
+    """Paired bootstrap of the macro-AUC difference between models a and b: the ``"macro"``
+    entry of :func:`paired_auc_bootstrap` (same arguments, same resamples), with the
+    per-class differences on all cases in ``per_class``. Identical models give a zero
+    difference on every resample and p = 1."""
+    table = paired_auc_bootstrap(y_true, scores_a, scores_b, n_resamples, confidence, seed, class_names)
+    m = table.pop("macro")
+    return PairedResult(difference=m.difference, low=m.low, high=m.high, p_value=m.p_value,
+                        n_resamples=m.n_resamples, n_valid=m.n_valid,
+                        per_class={name: d.difference for name, d in table.items()}, p_at_floor=m.p_at_floor)
 
-    ``y_true`` (N,) class indices, ``scores_a`` and ``scores_b`` (N, K) on the same cases.
-    Both models are scored on the SAME resamples (:func:`bootstrap_indices`), so the
-    resampled differences ``d`` (R,) keep the correlation between the two models.
-    ``difference`` is the macro AUC of a minus that of b on all cases (``per_class``: the
-    same per class); ``low``/``high`` the percentile interval of the defined ``d``.
 
-    ``p_value = min(1, 2 * min(mean(d <= 0), mean(d >= 0)))`` over the defined ``d``: the
-    two-sided percentile-bootstrap test of a zero difference, i.e. the smallest
+# --- p-values ------------------------------------------------------------------------
+def p_floor(n_resamples: int) -> float:
+    """``1 / (n_resamples + 1)``: the smallest p-value a bootstrap of that many resamples
+    reports (:func:`bootstrap_p_value`)."""
+    return 1.0 / (n_resamples + 1)
+
+
+def bootstrap_p_value(differences: np.ndarray) -> tuple[float, bool]:
+    """Two-sided bootstrap p-value of a zero difference, and whether it is at the floor.
+
+    ``differences`` (R,) resampled values of a - b, NaN where undefined; with ``R'`` the
+    defined ones, ``p = min(1, 2 * min(#(d <= 0), #(d >= 0)) / R')``: the smallest
     ``1 - confidence`` at which the percentile interval of ``d`` excludes 0 (Efron and
     Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 15-16). Identical models give
-    ``d = 0`` everywhere and p = 1. With R resamples the smallest non-zero p is 2/R; p = 0
-    means no resample crossed zero. NaN when no resample is defined."""
-    y_true, scores_a = _check_inputs(y_true, scores_a)
-    _, scores_b = _check_inputs(y_true, scores_b)
-    if scores_a.shape != scores_b.shape:
-        raise ValueError(f"scores_a and scores_b differ in shape: {scores_a.shape} vs {scores_b.shape}")
-    names = _class_names(class_names, scores_a.shape[1])
-    lo, hi = _tails(confidence)
-    full_a, full_b = auc_per_class(y_true, scores_a), auc_per_class(y_true, scores_b)  # (K,)
-    indices = bootstrap_indices(len(y_true), n_resamples, seed)  # (R, N)
-    d = macro(auc_resampled(y_true, scores_a, indices)) - macro(auc_resampled(y_true, scores_b, indices))  # (R,)
-    (low, high), n_valid = _percentiles(d, (lo, hi))
-    valid = d[~np.isnan(d)]
-    p_value = float(min(1.0, 2.0 * min(np.mean(valid <= 0), np.mean(valid >= 0)))) if n_valid else float("nan")
-    return PairedResult(
-        difference=float(macro(full_a[None])[0] - macro(full_b[None])[0]),
-        low=low,
-        high=high,
-        p_value=p_value,
-        n_resamples=n_resamples,
-        n_valid=n_valid,
-        per_class={name: float(full_a[k] - full_b[k]) for k, name in enumerate(names)},
-    )
+    ``d = 0`` everywhere and p = 1. When no resample reached zero the estimate would be 0,
+    which only says p < 1 / (R' + 1); the p-value is then :func:`p_floor` ``(R')`` and the
+    flag True (print it as ``"< ..."`` with :func:`format_p`). (NaN, False) when no
+    difference is defined."""
+    d = np.asarray(differences, dtype=np.float64)
+    d = d[~np.isnan(d)]
+    if d.size == 0:
+        return float("nan"), False
+    tail = min(int((d <= 0).sum()), int((d >= 0).sum()))
+    if tail == 0:
+        return p_floor(d.size), True
+    return min(1.0, 2.0 * tail / d.size), False
+
+
+ANALYTIC_P_FLOOR = 1e-4
+""":func:`format_p` writes an analytic p-value (no ``n_resamples``) below this as ``< 0.0001``."""
+
+
+def format_p(p: float, n_resamples: int | None = None, upper_bound: bool = False) -> str:
+    """A p-value as text, never ``0.000``.
+
+    With ``n_resamples`` R (a bootstrap p-value), a p at or below ``1 / (R + 1)`` is written
+    ``"< x"``, x being ``1 / (R + 1)`` rounded UP to one significant digit (R = 2000:
+    ``"< 0.0005"``; R = 1000: ``"< 0.001"``), so the text stays a true bound. Without R (an
+    analytic p-value, e.g. DeLong's), p below 1e-4 is ``"< 0.0001"``. Other values get two
+    significant digits (``0.34``, ``0.046``, ``0.0012``; ``1.00``). ``upper_bound`` marks a
+    value known only as a bound (a Holm-adjusted value computed from floored p-values): it
+    is written ``"< x"`` too. NaN or None: ``"n/a"``."""
+    if p is None or not math.isfinite(p):
+        return "n/a"
+    floor = p_floor(n_resamples) if n_resamples is not None else ANALYTIC_P_FLOOR
+    if p <= floor * (1 + 1e-9):
+        return f"< {_round_up_1sig(floor)}"
+    digits = max(2, 1 - math.floor(math.log10(p)))
+    text = f"{p:.{digits}f}"
+    return f"< {text}" if upper_bound else text
+
+
+def _round_up_1sig(x: float) -> str:
+    """``x`` > 0 rounded up to one significant digit, as a decimal: 0.00049975 -> '0.0005'."""
+    exponent = math.floor(math.log10(x))
+    digit = math.ceil(x / 10.0 ** exponent - 1e-9)
+    if digit == 10:
+        digit, exponent = 1, exponent + 1
+    return f"{digit * 10.0 ** exponent:.{max(0, -exponent)}f}"

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import confusion_matrix, roc_curve
 
+from cxrgaze.evaluation.calibration import DEFAULT_BINS, reliability_per_class, reliability_top_label
 from cxrgaze.metrics import auc_per_class
 
 PANEL_COLUMNS: tuple[str, ...] = ("input", "Grad-CAM", "gaze", "decoder mask", "generator map")
@@ -119,6 +120,43 @@ def confusion_matrix_figure(y_true: np.ndarray, y_pred: np.ndarray, class_names:
     ax.set_xticks(range(k), class_names, rotation=30, ha="right")
     ax.set_yticks(range(k), class_names)
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix")
+    fig.tight_layout()
+    return fig
+
+
+def reliability_diagram(y_true: np.ndarray, scores: np.ndarray, class_names: Sequence[str],
+                        n_bins: int = DEFAULT_BINS) -> Figure:
+    """Reliability diagram: top-label (left) and one-vs-rest per class (right), counts below.
+
+    ``y_true`` (N,) class indices, ``scores`` (N, K) in [0, 1] (sigmoid or softmax). Left:
+    accuracy of the arg-max in each of ``n_bins`` equal-width bins of the top-label
+    confidence (the maximum score) as bars, the bins' mean confidence as dots, the
+    diagonal for perfect calibration, the top-label ECE in the title. Right: each class's
+    observed frequency against its mean score per non-empty bin, its ECE in the legend
+    (definitions: :mod:`cxrgaze.evaluation.calibration`). Bottom: cases per bin.
+    """
+    top = reliability_top_label(y_true, scores, n_bins)
+    per_class = reliability_per_class(y_true, scores, n_bins)
+    fig = _figure((9.0, 5.5))
+    axes = fig.subplots(2, 2, sharex="col", gridspec_kw={"height_ratios": [3, 1]})  # (2, 2)
+    width, centres = np.diff(top.edges), top.edges[:-1] + np.diff(top.edges) / 2
+    axes[0, 0].bar(top.edges[:-1], np.nan_to_num(top.accuracy), width=width, align="edge", edgecolor="white",
+                   color="tab:blue", label="accuracy")
+    axes[0, 0].plot(centres, top.confidence, "o", color="tab:orange", markersize=4, label="mean confidence")
+    axes[0, 0].set(title=f"top label (ECE {top.ece:.3f})", ylabel="accuracy of the arg-max")
+    axes[1, 0].bar(top.edges[:-1], top.counts, width=width, align="edge", edgecolor="white", color="grey")
+    axes[1, 0].set(xlabel="confidence (max score)", ylabel="cases")
+    for name, bins in zip(class_names, per_class):
+        filled = bins.counts > 0
+        axes[0, 1].plot(bins.confidence[filled], bins.accuracy[filled], marker=".",
+                        label=f"{name} (ECE {bins.ece:.3f})")
+        axes[1, 1].stairs(bins.counts, bins.edges, label=name)
+    axes[0, 1].set(title="one vs rest", ylabel="observed frequency")
+    axes[1, 1].set(xlabel="class score", ylabel="cases")
+    for ax in axes[0]:
+        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
+        ax.set(xlim=(0, 1), ylim=(0, 1.01))
+        ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -8,7 +8,12 @@ positive constant) against a gaze heatmap ``g`` (H, W) of the same shape, fixati
 
 - ``cc``: Pearson correlation of ``s`` and ``g`` (higher is better, 1 at best).
 - ``kl``: KL divergence of ``g`` from ``s`` (lower is better, 0 at best).
-- ``sim``: histogram intersection of ``s`` and ``g`` as distributions (1 at best).
+- ``sim``: histogram intersection of ``s`` and ``g`` as distributions, each map divided
+  by its sum (the paper's definition; 1 at best).
+- ``sim_benchmark``: the same intersection after min-max rescaling each map to [0, 1]
+  first (the benchmark's MATLAB ``similarity.m``; 1 at best). Not the same number as
+  ``sim``: the rescaling removes any constant offset, so a map whose every pixel is
+  lifted by ``c > 0`` keeps its ``sim_benchmark`` and loses ``sim``.
 - ``nss``: mean standardised ``s`` at the fixated pixels (higher is better).
 - ``auc_judd``: ROC area with the fixated pixels as positives (1 at best, 0.5 chance).
 - ``box_mass``: share of the mass of ``s`` inside the union of boxes (1 at best).
@@ -18,14 +23,35 @@ pixel-centre convention of :mod:`cxrgaze.data.gaze`: pixel ``(i, j)`` is centred
 ``x = j, y = i``. A fixation goes to its nearest pixel (``floor(x + 0.5)``), clipped inside
 the image; as in the benchmark's binary fixation map, a pixel fixated several times
 counts once in ``nss`` and ``auc_judd``.
+
+A constant map ``s = c`` (every pixel the same) says nothing about where to look; each
+metric's value for it follows from its definition (tested in ``tests/test_saliency.py``):
+
+- ``cc``: NaN (the map has no variance; the benchmark's ``CC.m`` divides by its std).
+- ``kl``: finite, ``sum q log(EPS + q / (1/N + EPS))`` (about ``log N - H(q)``): ``p`` is
+  the uniform distribution over the N pixels.
+- ``sim``: finite, ``sum min(1/N, q)``: the uniform distribution's overlap with ``q``.
+- ``sim_benchmark``: NaN for ``c != 0`` (min-max rescaling divides by ``max - min = 0``,
+  NaN in MATLAB too); 0 for the all-zero map, which the benchmark leaves as it is.
+- ``nss``: NaN (standardising divides by a zero std).
+- ``auc_judd``: 0.5 (one threshold, TP rate = FP rate = 1: the diagonal).
+- ``box_mass``: the share of the pixels inside the boxes.
+
+Per-image scores of many maps (one row per case and map, see
+``cxrgaze.evaluate.saliency_table``) are averaged with :func:`average_by_map`, which
+reports how many values were averaged and how many were NaN next to every mean.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 EPS = float(np.finfo(np.float64).eps)
 """2.2204e-16, MATLAB's ``eps``, the regulariser of the benchmark's KL divergence."""
@@ -59,14 +85,43 @@ def sim(s: np.ndarray, g: np.ndarray) -> float:
     """Histogram intersection ``sum min(s / sum s, g / sum g)`` (the paper's SIM).
 
     NaN when either map sums to 0. The benchmark's MATLAB code min-max rescales both
-    maps before dividing by the sums; here, as in the paper, they are used as they are,
-    so a constant offset in ``s`` lowers the score.
+    maps before dividing by the sums (that is :func:`sim_benchmark`); here, as in the
+    paper, they are used as they are, so a constant offset in ``s`` lowers the score.
+    A constant ``s > 0`` is the uniform distribution: ``sum min(1/N, g / sum g)``.
     """
     s, g = _pair(s, g, non_negative=True)
     s_sum, g_sum = s.sum(), g.sum()
     if s_sum == 0 or g_sum == 0:
         return math.nan
     return float(np.minimum(s / s_sum, g / g_sum).sum())
+
+
+def sim_benchmark(s: np.ndarray, g: np.ndarray) -> float:
+    """SIM as the MIT saliency benchmark's ``similarity.m`` computes it.
+
+    Each map that is not all zero is min-max rescaled to [0, 1] and then divided by its
+    sum; the score is ``sum min(s', g')``. Maps may have any real values (the rescaling
+    removes the offset). As in the MATLAB code, an all-zero map stays zero (so the
+    score is 0 against any ``g``), and a constant map ``c != 0`` rescales to NaN (0/0),
+    so the score is NaN. Invariant to ``s -> a * s + b`` for ``a > 0``, unlike :func:`sim`.
+    """
+    s, g = _pair(s, g)
+    s_norm, g_norm = _range_then_sum(s), _range_then_sum(g)
+    if s_norm is None or g_norm is None:
+        return math.nan
+    return float(np.minimum(s_norm, g_norm).sum())
+
+
+def _range_then_sum(m: np.ndarray) -> np.ndarray | None:
+    """``(m - min) / (max - min)`` divided by its sum; the all-zero map as it is; None
+    (NaN in MATLAB) for a constant non-zero map."""
+    if not m.any():
+        return m
+    span = m.max() - m.min()
+    if span == 0:
+        return None
+    m = (m - m.min()) / span
+    return m / m.sum()
 
 
 def nss(s: np.ndarray, fix_xy: np.ndarray) -> float:
@@ -133,11 +188,13 @@ def box_mass(s: np.ndarray, boxes: np.ndarray) -> float:
 def saliency_scores(
     s: np.ndarray, g: np.ndarray, fix_xy: np.ndarray, boxes: np.ndarray | None = None
 ) -> dict[str, float]:
-    """``cc``, ``kl``, ``sim``, ``nss``, ``auc_judd`` (and ``box_mass`` when ``boxes`` are given)."""
+    """``cc``, ``kl``, ``sim``, ``sim_benchmark``, ``nss``, ``auc_judd`` (and ``box_mass``
+    when ``boxes`` are given)."""
     scores = {
         "cc": cc(s, g),
         "kl": kl(s, g),
         "sim": sim(s, g),
+        "sim_benchmark": sim_benchmark(s, g),
         "nss": nss(s, fix_xy),
         "auc_judd": auc_judd(s, fix_xy),
     }
@@ -156,6 +213,41 @@ def mean_scores(scores: Sequence[Mapping[str, float]]) -> dict[str, float]:
         values = values[~np.isnan(values)]
         out[key] = float(values.mean()) if values.size else math.nan
     out["n"] = len(scores)
+    return out
+
+
+def average_by_map(
+    table: pd.DataFrame,
+    prefix: str = "",
+    map_column: str = "map",
+    id_columns: Iterable[str] = ("dicom_id",),
+) -> dict[str, float]:
+    """Average a per-image metric table into flat metrics, with counts next to each mean.
+
+    ``table`` has one row per (image, map): an id column (``dicom_id``), ``map`` (the
+    map's name) and one numeric column per metric, as ``cxrgaze.evaluate.saliency_table``
+    writes it. For every map and metric column it returns
+
+    - ``{prefix}{map}_{metric}``: the mean of the finite values (NaN when there is none),
+    - ``{prefix}{map}_{metric}_n``: how many finite values that mean averages,
+    - ``{prefix}{map}_{metric}_nan``: how many values were left out because they are NaN
+      (or infinite): an undefined metric (a constant map's CC, an image without
+      fixations) is never dropped silently, ``_n + _nan`` is the map's number of rows.
+
+    Maps keep their order of first appearance; counts are floats, like every metric.
+    """
+    skip = {map_column, *id_columns}
+    columns = [c for c in table.columns if c not in skip]
+    out: dict[str, float] = {}
+    for name, group in table.groupby(map_column, sort=False):
+        for column in columns:
+            values = group[column].to_numpy(np.float64)  # (rows,)
+            finite = np.isfinite(values)
+            n = int(finite.sum())
+            key = f"{prefix}{name}_{column}"
+            out[key] = float(values[finite].mean()) if n else math.nan
+            out[f"{key}_n"] = float(n)
+            out[f"{key}_nan"] = float(values.size - n)
     return out
 
 
