@@ -1,4 +1,4 @@
-"""DVC stage `tune`: tune alpha (and tune.space) of every variant in tune.variants with Optuna.
+"""DVC stage `tune`: tune the loss weights (tune.space) of every variant in tune.variants with Optuna.
 
 Usage (from dvc.yaml): python pipelines/tune.py PREPARED_DIR SPLIT_CSV BEST_YAML METRICS_JSON
 Reads params.yaml: tune, model, loss, train, variants.

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cxrgaze.config import ConfigError, LossConfig, ModelConfig
-from cxrgaze.explain import UnsupportedActivation
+from cxrgaze.explain import UnsupportedActivation, generator_maps
 from cxrgaze.losses import (
     VARIANTS,
     classification_loss,
@@ -156,6 +156,23 @@ def test_objective_returns_the_maps():
     assert out.generator_map.shape == (4, 1, SIZE, SIZE)
     assert out.generator_map.min() >= 0 and out.generator_map.amax(dim=(1, 2, 3)).eq(1).all()
     assert out.class_logits.shape == (4, 3)
+
+
+@pytest.mark.parametrize("variant", ["set1-deconv", "set3-gbp"])
+def test_objective_map_is_generator_maps_on_one_forward(variant):
+    """The objective's map is ``generator_maps`` of the true class (each image's own map),
+    from the loss's single forward: running statistics move as after one plain forward."""
+    model, batch = model_for("unet"), make_batch(6)
+    alone, plain = copy.deepcopy(model), copy.deepcopy(model)
+    out = objective(model, batch, variant, LossConfig())
+    out.total.backward()
+    torch.testing.assert_close(out.generator_map, generator_maps(alone, batch["image"], batch["label"],
+                                                                 parse_variant(variant).rule))
+    with torch.no_grad():  # the objective's one forward (set 1 has no decoder pass)
+        (plain.classify if variant.startswith("set1") else plain)(batch["image"])
+    expected = dict(plain.named_buffers())
+    for key, value in model.named_buffers():
+        torch.testing.assert_close(value, expected[key], msg=key)
 
 
 def test_labels_as_indices_or_one_hot_agree():

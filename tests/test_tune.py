@@ -210,7 +210,9 @@ def test_merge_overrides_puts_tuned_values_over_the_variants_own():
 
 
 @pytest.mark.parametrize("tune, message", [
-    ({"variants": ["unet"]}, "tune.variants must be"),
+    ({"variants": ["set4-gbp"]}, "tune.variants must be"),
+    ({"variants": ["unet"]}, "unet uses none of tune.space"),  # the default space is alpha: set 3 only
+    ({"variants": ["baseline"], "space": {"gamma": {"low": 0, "high": 1}}}, "baseline uses none of tune.space"),
     ({"space": {"beta": {"low": 0, "high": 1}}}, "unknown name"),
     ({"space": {"alpha": {"low": 0.5, "high": 1.5}}}, "within"),
     ({"space": {"lr": {"low": 0.0, "high": 0.1, "log": True}}}, r"tune.space.lr: .*low > 0"),

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cxrgaze.config import LossConfig
-from cxrgaze.explain import RULES, heatmap, trace
+from cxrgaze.explain import RULES, generator_maps, trace
 from cxrgaze.models import class_logits, split_outputs
 
 VARIANTS: tuple[str, ...] = (
@@ -65,6 +65,27 @@ class Variant:
     def has_decoder(self) -> bool:
         """Whether the variant's model is a U-Net (everything but ``baseline``)."""
         return self.objective != "baseline"
+
+    @property
+    def loss_weights(self) -> tuple[str, ...]:
+        """The ``loss`` weights this variant's objective uses (what tuning may search):
+        none for ``baseline``, ``gamma`` for ``unet`` and sets 1-2, ``alpha`` and ``gamma``
+        for set 3."""
+        if self.objective == "baseline":
+            return ()
+        return ("alpha", "gamma") if self.objective == "set3" else ("gamma",)
+
+    @property
+    def trains_mask(self) -> bool:
+        """Whether a loss term trains the decoder mask (``unet``, sets 2 and 3); set 1's
+        decoder is never trained, so its mask means nothing."""
+        return self.objective in ("unet", "set2", "set3")
+
+    @property
+    def trains_generator(self) -> bool:
+        """Whether a loss term pulls the generator map toward the gaze (sets 1 and 3).
+        For ``baseline`` and ``unet`` the generator map is a diagnostic only."""
+        return self.objective in ("set1", "set3")
 
 
 def parse_variant(name: str) -> Variant:
@@ -167,6 +188,12 @@ def objective(
     ``batch`` holds ``image`` (B, 1, H, W) in [0, 1], ``gaze`` (B, 1, H, W) in [0, 1]
     and ``label`` (B,) class indices (or (B, K) one-hot). The generator explains the
     true class. The model's train/eval mode is the caller's.
+
+    One traced forward gives the class logits, the mask and, through
+    :func:`cxrgaze.explain.generator_maps` (``traced_forward``), the generator map ``H``:
+    the same function as evaluation and serving use. Each image's map is its own (in
+    train mode given the batch's batch-norm statistics, which the generator's backward
+    holds constant), and the running statistics are updated once.
     """
     cfg = cfg or LossConfig()
     spec = parse_variant(variant)
@@ -195,9 +222,8 @@ def objective(
     total = gamma * l_cls
     terms = {"cls": l_cls}
     h = None
-    if need_map:
-        attribution = tr.attribute(logits, x, target, spec.rule, create_graph=train_map)
-        h = heatmap(attribution)  # (B, 1, H, W)
+    if need_map:  # (B, 1, H, W), from the loss's own traced forward
+        h = generator_maps(model, x, target, spec.rule, create_graph=train_map, traced_forward=(tr, logits))
     if w_mask_gaze > 0:
         terms["mask_gaze"] = map_loss(mask_logits, gaze, cfg.map_loss, logits=True, eps=cfg.eps)
         total = total + w_mask_gaze * terms["mask_gaze"]

@@ -1,13 +1,18 @@
-"""Hyperparameter search for set 3 with Optuna: ``cxrgaze tune`` and the DVC stage ``tune``.
+"""Hyperparameter search of the loss weights with Optuna: ``cxrgaze tune`` and the DVC stage ``tune``.
 
 Set 3's heatmap loss is ``alpha * L(mask, gaze) + (1 - alpha) * L(generator, gaze)``; the
-paper treats ``alpha`` as a hyperparameter. One Optuna study per tuned variant (named
+paper treats ``alpha`` as a hyperparameter, and ``gamma`` weighs classification against the
+heatmap loss in every variant but ``baseline``. One Optuna study per tuned variant (named
 ``<tune.study_prefix>-<variant>``) maximises the best validation macro AUC of a short
-training run (``tune.epochs``) over the search space of ``params.yaml: tune.space``
-(``alpha``, optionally ``gamma`` and ``lr``), with a seeded TPE sampler and a median pruner
-fed the per-epoch validation AUC. The best values go to ``outputs/tune/best.yaml`` as
-per-variant overrides, which the ``train@set3-*`` stages merge into their config
-(:func:`load_tuned`, :func:`merge_overrides`); trials never produce the final models.
+training run (``tune.epochs``) over the part of ``params.yaml: tune.space`` that the variant
+uses (:func:`variant_space`: ``alpha`` for set 3 only, ``gamma`` for all but ``baseline``,
+``lr`` for all), with a seeded TPE sampler and a median pruner fed the per-epoch validation
+AUC. Tuning only set 3 over an ``alpha`` range that contains ``unet`` (1) and set 1 (0)
+gives set 3 a budget the others lack: for a fair comparison, list every variant in
+``tune.variants`` with ``gamma`` in the space (the ``study`` profile). The best values go to
+``outputs/tune/best.yaml`` as per-variant overrides, which the ``train@<variant>`` stages
+merge into their config (:func:`load_tuned`, :func:`merge_overrides`); trials never
+produce the final models.
 
 Storage (``tune.storage`` or ``--storage``):
 
@@ -67,8 +72,9 @@ from cxrgaze.config import VARIANTS, ConfigError, from_mapping
 SPACE_TARGETS: dict[str, tuple[str, str]] = {"alpha": ("loss", "alpha"), "gamma": ("loss", "gamma"), "lr": ("train", "lr")}
 """Search-space names and the ``params.yaml`` section and key each one sets."""
 
-TUNABLE_VARIANTS: tuple[str, ...] = tuple(v for v in VARIANTS if v.startswith("set3-"))
-"""The variants whose loss has ``alpha``."""
+TUNABLE_VARIANTS: tuple[str, ...] = VARIANTS
+"""Every variant may be tuned; each searches only the names of ``tune.space`` that it uses
+(:func:`variant_space`)."""
 
 MAX_RETRY = 2
 """How many times a trial whose worker died (stale heartbeat) is queued again."""
@@ -143,10 +149,24 @@ class TuneConfig:
         for name in ("alpha", "gamma"):
             if name in self.space and not 0.0 <= self.space[name].low < self.space[name].high <= 1.0:
                 raise ConfigError(f"tune.space.{name} must lie within [0, 1]")
+        for variant in self.variants:
+            if self.space and not variant_space(self.space, variant):
+                raise ConfigError(f"tune.variants: {variant} uses none of tune.space ({', '.join(self.space)}); "
+                                  "its loss has no such weight")
         if self.workers > 1 and storage_kind(self.storage) == "sqlite":
             raise ConfigError(f"{self.workers} workers on SQLite storage {self.storage}: Optuna advises against SQLite for "
                               "parallel workers; use journal:optuna.journal (one machine) or "
                               "postgresql+psycopg2://USER:PASSWORD@HOST/DB (several machines)")
+
+
+def variant_space(space: Mapping[str, SearchRange], variant: str) -> dict[str, SearchRange]:
+    """The part of ``space`` that ``variant`` uses: a loss weight only where the variant's
+    objective has it (``alpha``: set 3; ``gamma``: all but ``baseline``), ``lr`` always. So one
+    ``tune.space`` gives every variant the same budget over its own weights."""
+    from cxrgaze.losses import parse_variant
+
+    weights = set(parse_variant(variant).loss_weights)
+    return {name: r for name, r in space.items() if SPACE_TARGETS[name][0] != "loss" or name in weights}
 
 
 def tune_config(params: Mapping[str, Any], where: str = "params.yaml", **overrides: Any) -> TuneConfig:
@@ -469,7 +489,7 @@ def _training_fingerprint(params: Mapping[str, Any], cfg: TuneConfig, variant: s
     from cxrgaze.train import resolve_run_config
 
     config = resolve_run_config(merge_overrides(params, {"train": {"epochs": cfg.epochs}}, variant), variant)
-    searched = {".".join(SPACE_TARGETS[name]) for name in cfg.space}
+    searched = {".".join(SPACE_TARGETS[name]) for name in variant_space(cfg.space, variant)}
     return {k: v for k, v in flatten(config.as_dict()).items() if k not in searched and k not in _UNTRACKED_KEYS}
 
 
@@ -548,7 +568,7 @@ class _Worker:
             run_id = self.client.create_run(self.experiment_id, run_name=f"tune-{self.variant}", tags=self.tags).info.run_id
             self.study.set_user_attr(PARENT_RUN_ATTR, run_id)
         self.client.set_tag(run_id, "optuna.storage", display_storage(self.cfg.storage))
-        self.client.set_tag(run_id, "optuna.search_space", json.dumps({k: dataclasses.asdict(v) for k, v in self.cfg.space.items()}))
+        self.client.set_tag(run_id, "optuna.search_space", json.dumps({k: dataclasses.asdict(v) for k, v in variant_space(self.cfg.space, self.variant).items()}))
         self.client.set_tag(run_id, "optuna.n_trials", str(self.cfg.n_trials))
         self.parent_run_id = run_id
 
@@ -577,7 +597,7 @@ class _Worker:
         from cxrgaze.train import resolve_run_config, train
 
         self.gate.release()
-        values = {name: trial.suggest_float(name, r.low, r.high, log=r.log) for name, r in self.cfg.space.items()}
+        values = {name: trial.suggest_float(name, r.low, r.high, log=r.log) for name, r in variant_space(self.cfg.space, self.variant).items()}
         overrides = as_overrides(values)
         overrides.setdefault("train", {})["epochs"] = self.cfg.epochs
         config = resolve_run_config(merge_overrides(self.params, overrides, self.variant), self.variant)
@@ -674,7 +694,7 @@ def run_study(params: Mapping[str, Any], cfg: TuneConfig, variant: str, prepared
     from cxrgaze.tracking import set_experiment
 
     if variant not in TUNABLE_VARIANTS:
-        raise ConfigError(f"cannot tune {variant!r}: alpha exists in {', '.join(TUNABLE_VARIANTS)} only")
+        raise ConfigError(f"cannot tune {variant!r}: choose from {', '.join(TUNABLE_VARIANTS)}")
     set_experiment()  # created once here, not raced by the workers
     study = open_study(cfg, variant)  # likewise the study
     if cfg.workers == 1:
