@@ -18,10 +18,12 @@ class _Echo(mlflow.pyfunc.PythonModel):
         return model_input
 
 
-def candidate(variant: str, score: float, evaluated: bool = True, fail: bool = False) -> Candidate:
+def candidate(variant: str, score: float, evaluated: bool = True, fail: bool = False,
+              evidence: dict[str, float] | None = None) -> Candidate:
     mlflow.set_experiment("cxrgaze")
     run = mlflow.start_run(run_name=variant)
     mlflow.log_metric("val_auc_macro", score)
+    mlflow.log_metrics(evidence or {})
     info = mlflow.pyfunc.log_model(name="model", python_model=_Echo(), pip_requirements=[])
     if evaluated:
         mlflow.set_tag("cxrgaze.evaluated", "true")
@@ -121,3 +123,42 @@ def test_min_delta_is_validated():
 
     with pytest.raises(ConfigError, match="min_delta"):
         RegisterConfig(min_delta=-0.1)
+
+
+def test_explanation_gate_refuses_candidates_whose_evidence_fails(mlflow_store):
+    """The best validation AUC belongs to a model whose generator ignores the gaze: with a
+    gate it is registered (inspectable) but refused, and the champion is the best that passes."""
+    shortcut = candidate("unet", 0.99, evidence={"val_sal_generator_cc": -0.05, "sanity_generator_passed": 1.0})
+    insane = candidate("set1-deconv", 0.95, evidence={"val_sal_generator_cc": 0.40, "sanity_generator_passed": 0.0})
+    good = candidate("set3-gbp", 0.90, evidence={"val_sal_generator_cc": 0.30, "sanity_generator_passed": 1.0})
+    silent = candidate("baseline", 0.97)  # logged no evidence at all
+    gate = RegisterConfig(gate={"min_gaze_cc": 0.1, "require_sanity": True})
+    decision = register_and_promote([shortcut, insane, good, silent], "data-a", "val-1", never, gate)
+    assert set(decision.versions) == {"unet", "set1-deconv", "set3-gbp", "baseline"}
+    assert champion() == decision.versions["set3-gbp"]
+    assert set(decision.refused) == {"unet", "set1-deconv", "baseline"}
+    assert "CC on validation -0.050 < 0.1" in decision.refused["unet"]
+    assert decision.refused["set1-deconv"] == "the generator failed the sanity checks"
+    assert "missing" in decision.refused["baseline"] and "no sanity-check result" in decision.refused["baseline"]
+    tags = MlflowClient().get_model_version("cxrgaze", decision.versions["unet"]).tags
+    assert tags["cxrgaze.gate"].startswith("refused: generator-gaze CC")
+    assert tags["cxrgaze.evidence.val_gaze_cc"] == "-0.0500" and tags["cxrgaze.evidence.sanity"] == "1.0000"
+    assert MlflowClient().get_model_version("cxrgaze", decision.versions["set3-gbp"]).tags["cxrgaze.gate"] == "passed"
+
+
+def test_without_a_gate_evidence_is_recorded_and_nothing_is_refused(mlflow_store):
+    decision = register_and_promote([candidate("unet", 0.99, evidence={"val_sal_generator_cc": -0.05})],
+                                    "data-a", "val-1", never)
+    assert not decision.refused and champion() == decision.versions["unet"]
+    assert decision.evidence["unet"] == {"val_gaze_cc": -0.05, "sanity": None}
+    tags = MlflowClient().get_model_version("cxrgaze", decision.versions["unet"]).tags
+    assert tags["cxrgaze.gate"] == "no gate" and tags["cxrgaze.evidence.sanity"] == "not logged"
+
+
+@pytest.mark.parametrize("gate, message", [({"min_cc": 0.1}, "unknown key"), ({"min_gaze_cc": 2}, "in \\[-1, 1\\]"),
+                                           ({"require_sanity": "yes"}, "true or false")])
+def test_bad_gates_are_refused(gate, message):
+    from cxrgaze.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        RegisterConfig(gate=gate)

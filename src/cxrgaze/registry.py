@@ -14,6 +14,12 @@ Rules (:func:`register_and_promote`):
   validation cases (through its own served preprocessing) and that score is used.
 * The decision and its reason are written on the candidate versions as tags
   (``cxrgaze.decision``); running it again with nothing new moves nothing.
+* Explanation evidence: every version carries, as tags, its generator map's agreement
+  with the gaze on *validation* (``cxrgaze.evidence.val_gaze_cc``, the metric
+  ``val_sal_generator_cc``) and whether the generator passed the sanity checks
+  (``cxrgaze.evidence.sanity``, from ``sanity_generator_passed``). The optional gate
+  (``register.gate``) refuses a candidate whose evidence fails it: the version is
+  registered (so it can be inspected) but never promoted, and tag ``cxrgaze.gate`` says why.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
@@ -31,6 +37,9 @@ from mlflow.tracking import MlflowClient
 from cxrgaze.config import ConfigError
 
 EVALUATED_TAG = "cxrgaze.evaluated"
+GATE_KEYS = ("min_gaze_cc", "require_sanity")
+EVIDENCE_METRICS = {"val_gaze_cc": "val_sal_generator_cc", "sanity": "sanity_generator_passed"}
+"""Evidence tag name -> the run metric it is read from."""
 
 
 @dataclass(frozen=True)
@@ -42,8 +51,22 @@ class RegisterConfig:
     min_delta: float = 0.0
     """The champion moves only when a candidate's validation macro AUC is higher by more than this."""
     metric: str = "val_auc_macro"
+    gate: Mapping[str, Any] = field(default_factory=dict)
+    """Explanation gate on validation evidence (empty: none). ``min_gaze_cc``: the
+    generator map's mean CC with the gaze on validation must reach this; ``require_sanity``:
+    the generator must pass the sanity checks (parameter randomisation, input dependence)."""
 
     def __post_init__(self) -> None:
+        gate = dict(self.gate or {})
+        unknown = sorted(set(gate) - set(GATE_KEYS))
+        if unknown:
+            raise ConfigError(f"register.gate: unknown key(s) {', '.join(unknown)}; expected {', '.join(GATE_KEYS)}")
+        cc = gate.get("min_gaze_cc")
+        if cc is not None and (isinstance(cc, bool) or not isinstance(cc, (int, float)) or not -1.0 <= cc <= 1.0):
+            raise ConfigError(f"register.gate.min_gaze_cc must be null or a number in [-1, 1], got {cc!r}")
+        if not isinstance(gate.get("require_sanity", False), bool):
+            raise ConfigError(f"register.gate.require_sanity must be true or false, got {gate['require_sanity']!r}")
+        object.__setattr__(self, "gate", gate)
         if not 0.0 <= self.min_delta < 1.0:
             raise ConfigError(f"register.min_delta must be in [0, 1), got {self.min_delta}")
         if not self.model_name or not self.alias:
@@ -57,6 +80,12 @@ class Candidate:
     variant: str
     run_id: str
     model_uri: str
+    seed: int | None = None
+    """The training seed, when a variant has several (then the label says which)."""
+
+    @property
+    def label(self) -> str:
+        return self.variant if self.seed is None else f"{self.variant}/seed{self.seed}"
 
 
 @dataclass
@@ -67,13 +96,42 @@ class Decision:
     promoted: bool
     reason: str
     versions: dict[str, str] = field(default_factory=dict)
-    """Variant -> registered version number."""
+    """Candidate label (the variant, ``variant/seedS`` with several seeds) -> registered version number."""
     skipped: dict[str, str] = field(default_factory=dict)
-    """Variant -> why it was not registered."""
+    """Candidate label -> why it was not registered."""
+    refused: dict[str, str] = field(default_factory=dict)
+    """Candidate label -> why the explanation gate refused it (registered, never promoted)."""
+    evidence: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    """Candidate label -> its explanation evidence on validation."""
 
     def to_json(self) -> dict:
         return {"champion_version": self.champion_version, "promoted": self.promoted, "reason": self.reason,
-                "versions": self.versions, "skipped": self.skipped}
+                "versions": self.versions, "skipped": self.skipped, "refused": self.refused,
+                "evidence": self.evidence}
+
+
+def explanation_evidence(metrics: Mapping[str, float]) -> dict[str, float | None]:
+    """A run's explanation evidence on validation (see the module docstring); None where
+    the run did not log it."""
+    out: dict[str, float | None] = {}
+    for name, metric in EVIDENCE_METRICS.items():
+        value = metrics.get(metric)
+        out[name] = float(value) if value is not None and math.isfinite(value) else None
+    return out
+
+
+def gate_failure(evidence: Mapping[str, float | None], gate: Mapping[str, Any]) -> str | None:
+    """Why ``gate`` refuses a candidate with ``evidence``, or None when it passes."""
+    reasons = []
+    min_cc = gate.get("min_gaze_cc")
+    if min_cc is not None:
+        cc = evidence.get("val_gaze_cc")
+        if cc is None or cc < min_cc:
+            reasons.append(f"generator-gaze CC on validation {'missing' if cc is None else f'{cc:.3f}'} < {min_cc}")
+    if gate.get("require_sanity") and evidence.get("sanity") != 1.0:
+        reasons.append("the generator failed the sanity checks" if evidence.get("sanity") is not None
+                       else "no sanity-check result")
+    return "; ".join(reasons) or None
 
 
 def validation_set_id(dicom_ids: list[str]) -> str:
@@ -110,19 +168,30 @@ def register_and_promote(
         run = client.get_run(cand.run_id)
         score = run.data.metrics.get(cfg.metric)
         if run.info.status != "FINISHED" or run.data.tags.get(EVALUATED_TAG) != "true":
-            decision.skipped[cand.variant] = (f"run {cand.run_id} is {run.info.status}"
-                                              f"{'' if run.data.tags.get(EVALUATED_TAG) == 'true' else ', not evaluated'}")
+            decision.skipped[cand.label] = (f"run {cand.run_id} is {run.info.status}"
+                                            f"{'' if run.data.tags.get(EVALUATED_TAG) == 'true' else ', not evaluated'}")
             continue
         if score is None or not math.isfinite(score):
-            decision.skipped[cand.variant] = f"run {cand.run_id} has no finite {cfg.metric}"
+            decision.skipped[cand.label] = f"run {cand.run_id} has no finite {cfg.metric}"
             continue
         version = _find_version(client, cfg.model_name, cand) or _register(client, cfg, cand, run, data_version,
                                                                              val_set)
         client.set_model_version_tag(cfg.model_name, version.version, _score_key(data_version, val_set), str(score))
-        decision.versions[cand.variant] = str(version.version)
-        scored.append((score, version, cand.variant))
+        decision.versions[cand.label] = str(version.version)
+        evidence = decision.evidence[cand.label] = explanation_evidence(run.data.metrics)
+        for name, value in evidence.items():
+            client.set_model_version_tag(cfg.model_name, version.version, f"cxrgaze.evidence.{name}",
+                                         "not logged" if value is None else f"{value:.4f}")
+        refusal = gate_failure(evidence, cfg.gate)
+        client.set_model_version_tag(cfg.model_name, version.version, "cxrgaze.gate",
+                                     f"refused: {refusal}" if refusal else ("passed" if cfg.gate else "no gate"))
+        if refusal:
+            decision.refused[cand.label] = refusal
+            continue
+        scored.append((score, version, cand.label))
     if not scored:
-        decision.reason = "no finished, evaluated run to register"
+        decision.reason = ("every registered candidate was refused by the explanation gate" if decision.refused
+                           else "no finished, evaluated run to register")
         decision.champion_version = _current(client, cfg)
         return decision
 
@@ -158,6 +227,8 @@ def _register(client: MlflowClient, cfg: RegisterConfig, cand: Candidate, run, d
     metrics = run.data.metrics
     tags = {"cxrgaze.variant": cand.variant, "cxrgaze.run_id": cand.run_id, "cxrgaze.model_uri": cand.model_uri,
             "cxrgaze.data_version": data_version, "cxrgaze.val_set": val_set}
+    if cand.seed is not None:
+        tags["cxrgaze.seed"] = str(cand.seed)
     for key in (cfg.metric, "val_auc_macro", "test_auc_macro", "test_auc_macro_ci95_low", "test_auc_macro_ci95_high"):
         if key in metrics:
             tags[f"cxrgaze.{key}"] = f"{metrics[key]:.6f}"
