@@ -98,15 +98,20 @@ def test_unet_input_size_must_fit_the_encoder_stride(unet):
         unet(torch.rand(1, 1, 50, 64))
 
 
-def test_unreachable_named_weights_point_to_local_files(monkeypatch):
-    import segmentation_models_pytorch.encoders as encoders
+def test_unreachable_named_weights_name_the_cache_and_point_to_local_files(monkeypatch, tmp_path):
+    """The paper profile's ``imagenet`` weights, offline and not cached: one line naming the
+    Hub repository, the cache folder it was looked for in, and the local-file alternative."""
+    from huggingface_hub import constants
 
-    def offline(*args, **kwargs):
-        raise ConnectionError("no network")
-
-    monkeypatch.setattr(encoders, "hf_hub_download", offline)
-    with pytest.raises(ModelError, match="could not fetch 'imagenet'.*local weights file"):
-        build_model(ModelConfig(encoder="resnet18", encoder_weights="imagenet"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the real client, told it is offline
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelError) as caught:
+        build_model(ModelConfig(encoder="efficientnet-b0", encoder_weights="imagenet"))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "smp-hub/efficientnet-b0.imagenet" in message
+    assert str(tmp_path / "hub" / "models--smp-hub--efficientnet-b0.imagenet") in message
+    assert "path of a local weights file" in message
     with pytest.raises(ModelError, match="Wrong pretrained weights"):
         build_model(ModelConfig(encoder="resnet18", encoder_weights="noisy-student"))
 

@@ -175,13 +175,25 @@ def build_model(config: ModelConfig | None = None, variant: str = "unet") -> Gaz
         if named is None:
             raise
         raise ModelError(  # no network, no cache, or a hub error
-            f"could not fetch {named!r} weights for encoder {config.encoder!r} "
-            f"({type(exc).__name__}: {exc}); pass the path of a local weights file as "
-            "encoder_weights instead"
+            f"could not load {named!r} weights for encoder {config.encoder!r}: {_weights_location(config.encoder, named)}"
+            f" is not in the local cache and could not be downloaded ({type(exc).__name__}); download it on a "
+            "connected machine, or set encoder_weights to the path of a local weights file"
         ) from exc
     if local:
         load_encoder_weights(model, weights)
     return model
+
+
+def _weights_location(encoder: str, weights: str) -> str:
+    """Where smp looks for named weights: the Hugging Face Hub repository and its folder in
+    the local cache (timm's ``tu-`` encoders: timm's own hub entry)."""
+    settings = smp.encoders.encoders.get(encoder, {}).get("pretrained_settings", {}).get(weights, {})
+    repo = settings.get("repo_id")
+    if not repo:
+        return f"the {weights!r} file of {encoder!r}"
+    from huggingface_hub import constants
+
+    return f"{repo} ({Path(constants.HF_HUB_CACHE) / ('models--' + repo.replace('/', '--'))})"
 
 
 def load_encoder_weights(model: GazeNet, path: str | Path) -> None:
