@@ -1,11 +1,14 @@
-"""DVC stage `evaluate@<variant>`: metrics with CIs, heatmaps vs gaze, figures and the
-servable model, logged into the variant's MLflow run.
+"""DVC stage `evaluate@<variant>`: metrics with CIs, heatmaps vs gaze, sanity checks,
+calibration, figures and the servable model of every seed of one variant, each logged
+into its seed's MLflow run; then the variant's summary over seeds.
 
 Usage (from dvc.yaml):
-  python pipelines/evaluate.py VARIANT PREPARED_DIR SPLIT_CSV DICOM_DIR TRAIN_DIR OUT_DIR FIGURES_DIR METRICS_JSON
-Reads params.yaml: evaluate. OUT_DIR gets metrics.json, predictions.csv, saliency.csv,
-run.json (the run id and the logged model's URI, for `register`); FIGURES_DIR the
-PNG figures (`dvc plots show`).
+  python pipelines/evaluate.py VARIANT PREPARED_DIR SPLIT_CSV TRAIN_DIR OUT_DIR FIGURES_DIR METRICS_JSON
+Reads params.yaml: evaluate. For each TRAIN_DIR/seed<S>/: OUT_DIR/seed<S>/ gets metrics.json,
+scores.npz (full-precision logits and scores), predictions.csv, saliency.csv and run.json
+(the run id and the logged model's URI, for `register`); FIGURES_DIR/seed<S>/ the PNG
+figures (`dvc plots show`). OUT_DIR/metrics.json (also METRICS_JSON) and OUT_DIR/scores.npz
+combine the seeds (:func:`cxrgaze.evaluate.combine_seeds`).
 """
 
 import shutil
@@ -18,19 +21,26 @@ from _common import PARAMS, run_stage  # noqa: E402
 
 def main() -> None:
     from cxrgaze.config import from_mapping, load_params
-    from cxrgaze.evaluate import EvalConfig
-    from cxrgaze.experiment import evaluate_tracked
+    from cxrgaze.evaluate import EvalConfig, combine_seeds
+    from cxrgaze.experiment import evaluate_tracked, seed_runs
 
-    variant, prepared, split_csv, dicom_dir, train_dir, out_dir, figures_dir, metrics_json = sys.argv[1:9]
+    variant, prepared, split_csv, train_dir, out_dir, figures_dir, metrics_json = sys.argv[1:8]
     config = from_mapping(EvalConfig, load_params(PARAMS).get("evaluate"), where=f"{PARAMS}: evaluate")
-    result, run_id, model_uri = evaluate_tracked(train_dir, prepared, split_csv, dicom_dir, out_dir, config,
-                                                      figures_dir=figures_dir)
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)  # no folder of a seed that is gone may survive into the summary
+    seeds = []
+    for seed, folder in seed_runs(train_dir):
+        result, run_id, model_uri = evaluate_tracked(folder, prepared, split_csv, out / folder.name, config,
+                                                     figures_dir=Path(figures_dir) / folder.name)
+        seeds.append(out / folder.name)
+        m = result.metrics
+        print(f"{variant} {folder.name}: test macro AUC {m['test_auc_macro']:.3f} "
+              f"[{m.get('test_auc_macro_ci95_low', float('nan')):.3f}, {m.get('test_auc_macro_ci95_high', float('nan')):.3f}]"
+              f", MLflow run {run_id}, model {model_uri}")
+    combine_seeds(variant, seeds, out)
     Path(metrics_json).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(out_dir) / "metrics.json", metrics_json)
-    m = result.metrics
-    print(f"{variant}: test macro AUC {m['test_auc_macro']:.3f} "
-          f"[{m.get('test_auc_macro_ci95_low', float('nan')):.3f}, {m.get('test_auc_macro_ci95_high', float('nan')):.3f}]"
-          f", MLflow run {run_id}, model {model_uri}")
+    shutil.copyfile(out / "metrics.json", metrics_json)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def test_training_and_evaluation_land_in_one_run(tiny_prepared, mlflow_store, tm
     assert read_run_file(tmp_path / "train")["run_id"] == run_id
 
     dicom_dir = prepared.parent / "data" / "mimic-cxr"
-    evaluation, eval_run, model_uri = evaluate_tracked(tmp_path / "train", prepared, split, dicom_dir, tmp_path / "eval",
+    evaluation, eval_run, model_uri = evaluate_tracked(tmp_path / "train", prepared, split, tmp_path / "eval",
                                                        EvalConfig(n_resamples=200), progress=False)
     assert eval_run == run_id
     run = client.get_run(run_id)

@@ -268,7 +268,7 @@ def test_training_and_evaluation_through_an_mlflow_server_on_postgresql(mlflow_s
         config = resolve_run_config({**TINY, "train": {**TINY["train"], "epochs": 1}}, "unet")
         result, run_id = train_tracked(config, prepared, split, tmp_path / "train", progress=False)
         dicom_dir = prepared.parent / "data" / "mimic-cxr"
-        _, eval_run, model_uri = evaluate_tracked(tmp_path / "train", prepared, split, dicom_dir, tmp_path / "eval",
+        _, eval_run, model_uri = evaluate_tracked(tmp_path / "train", prepared, split, tmp_path / "eval",
                                                   EvalConfig(n_resamples=100), progress=False)
         assert eval_run == run_id
 

@@ -40,10 +40,18 @@ from tqdm.auto import tqdm
 from cxrgaze import CLASSES
 from cxrgaze.config import ConfigError, ModelConfig, from_mapping
 from cxrgaze.data.dataset import SplitTensors, load_split
+from cxrgaze.evaluation.calibration import DEFAULT_BINS, brier_score, ece_per_class, ece_top_label
+from cxrgaze.evaluation.operating_point import sensitivity_ci
+from cxrgaze.evaluation.saliency import average_by_map
+from cxrgaze.evaluation.sanity import generator_map_fn, sanity_check
+from cxrgaze.evaluation.scores import FILENAME as SCORES_FILE
+from cxrgaze.evaluation.scores import SplitScores, load_scores, save_scores, split_from_logits
+from cxrgaze.losses import parse_variant
 from cxrgaze.metrics import auc_summary
 from cxrgaze.models import GazeNet, build_model
+from cxrgaze.predict import predict_logits, scoring_rule
 from cxrgaze.runtime import resolve_device
-from cxrgaze.train import load_checkpoint, predict_logits
+from cxrgaze.train import load_checkpoint
 
 MAPS = ("mask", "generator", "gradcam")
 """The heatmaps compared with gaze."""
@@ -65,8 +73,17 @@ class EvalConfig:
     """Heatmap panel: up to this many right and this many wrong test cases per class."""
     batch_size: int = 32
     device: str = "auto"
+    calibration_bins: int = DEFAULT_BINS
+    """Equal-width bins of the expected calibration error and the reliability diagram."""
+    specificity: float = 0.9
+    """Operating point: sensitivity per class at this specificity (with a bootstrap CI)."""
+    sanity_images: int = 16
+    """Test images (balanced over classes) used by the generator sanity checks."""
 
     def __post_init__(self) -> None:
+        if self.calibration_bins < 2 or not 0.5 <= self.specificity < 1.0 or self.sanity_images < 2:
+            raise ConfigError("evaluate: calibration_bins must be >= 2, specificity in [0.5, 1) and sanity_images >= 2; "
+                              f"got {self.calibration_bins}, {self.specificity}, {self.sanity_images}")
         if self.n_resamples < 100:
             raise ConfigError(f"evaluate.n_resamples must be at least 100, got {self.n_resamples}")
         if not 0.5 < self.confidence < 1.0:
@@ -97,9 +114,34 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tu
 
 def generator_rule(variant: str) -> str:
     """The generator a variant trains with; ``gbp`` for baseline and unet (a common diagnostic)."""
-    from cxrgaze.losses import parse_variant
-
     return parse_variant(variant).rule or "gbp"
+
+
+def calibration_metrics(prefix: str, y: np.ndarray, scores: np.ndarray, cfg: EvalConfig) -> dict[str, float]:
+    """Brier score, top-label and per-class ECE (:mod:`cxrgaze.evaluation.calibration`), and
+    per class the sensitivity at ``cfg.specificity`` with its percentile-bootstrap CI."""
+    names = CLASSES[:scores.shape[1]]
+    spec = int(round(cfg.specificity * 100))
+    level = int(round(cfg.confidence * 100))
+    out = {f"{prefix}brier": brier_score(y, scores), f"{prefix}ece": ece_top_label(y, scores, cfg.calibration_bins)}
+    out.update({f"{prefix}ece_{c}": float(v) for c, v in zip(names, ece_per_class(y, scores, cfg.calibration_bins))})
+    for c, iv in sensitivity_ci(y, scores, cfg.specificity, cfg.n_resamples, cfg.confidence, cfg.seed, names).items():
+        out[f"{prefix}sens_at_spec{spec}_{c}"] = iv.estimate
+        out[f"{prefix}sens_at_spec{spec}_{c}_ci{level}_low"] = iv.low
+        out[f"{prefix}sens_at_spec{spec}_{c}_ci{level}_high"] = iv.high
+    return out
+
+
+def _prediction_frame(split: str, data: SplitTensors, scores: np.ndarray) -> pd.DataFrame:
+    """One row per case: ``dicom_id, split, label, pred, prob_<class>...`` (rounded for
+    reading; the paired tests read ``scores.npz``)."""
+    y = data.labels.numpy()
+    frame = pd.DataFrame(scores, columns=[f"prob_{c}" for c in CLASSES[:scores.shape[1]]])
+    frame.insert(0, "dicom_id", data.dicom_ids)
+    frame.insert(1, "split", split)
+    frame.insert(2, "label", [CLASSES[i] for i in y])
+    frame.insert(3, "pred", [CLASSES[i] for i in scores.argmax(1)])
+    return frame
 
 
 def ci_metrics(prefix: str, y: np.ndarray, probs: np.ndarray, cfg: EvalConfig) -> dict[str, float]:
@@ -124,7 +166,7 @@ def compute_heatmaps(model: GazeNet, images: torch.Tensor, target: torch.Tensor,
                      device: torch.device, batch_size: int = 32) -> dict[str, np.ndarray | None]:
     """The three maps of ``images`` (N, 1, S, S) for classes ``target`` (N,): each (N, S, S)
     in [0, 1], ``mask`` None for a model without decoder."""
-    from cxrgaze.explain import attribute, heatmap
+    from cxrgaze.explain import generator_maps
     from cxrgaze.explain.gradcam import gradcam
 
     masks, generators, cams = [], [], []
@@ -135,7 +177,7 @@ def compute_heatmaps(model: GazeNet, images: torch.Tensor, target: torch.Tensor,
             with torch.no_grad():
                 mask_logits, _ = model(x)
             masks.append(torch.sigmoid(mask_logits)[:, 0].float().cpu().numpy())
-        generators.append(heatmap(attribute(model, x, t, rule))[:, 0].detach().float().cpu().numpy())
+        generators.append(generator_maps(model, x, t, rule)[:, 0].detach().float().cpu().numpy())
         cams.append(gradcam(model, x, t))
     return {"mask": np.concatenate(masks) if masks else None,
             "generator": np.concatenate(generators),
@@ -201,45 +243,57 @@ def evaluate(
     device = resolve_device(cfg.device)
     model, run_config = load_model(checkpoint, device)
     variant = run_config["train"]["variant"]
-    steps = tqdm(total=4, desc=f"evaluate {variant}", disable=not progress, leave=False)
+    cls_loss = run_config["loss"]["cls_loss"]
+    scoring = scoring_rule(cls_loss)
+    steps = tqdm(total=5, desc=f"evaluate {variant}", disable=not progress, leave=False)
 
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = {"n_seeds": 1.0}
     predictions = []
     split_data: dict[str, tuple[SplitTensors, np.ndarray]] = {}
+    scores: dict[str, SplitScores] = {}
     for split in ("val", "test"):
         data = load_split(prepared_dir, split_csv, split)
         if len(data) == 0:
             raise ValueError(f"{split_csv}: the {split} split is empty")
-        probs = torch.softmax(predict_logits(model, data.images, device, cfg.batch_size), dim=1).numpy()  # (N, K)
+        logits = predict_logits(model, data.images, device, cfg.batch_size)  # (N, K)
         y = data.labels.numpy()
+        scores[split] = split_from_logits(y, data.dicom_ids, logits.double().numpy(), scoring)
+        probs = scores[split].scores  # (N, K) float64, exactly what the report's paired tests read
         split_data[split] = (data, probs)
         metrics.update(auc_summary(y, probs, prefix=f"{split}_"))
         metrics.update(ci_metrics(f"{split}_", y, probs, cfg))
+        metrics.update(calibration_metrics(f"{split}_", y, probs, cfg))
         metrics[f"{split}_accuracy"] = float((probs.argmax(1) == y).mean())
         metrics[f"{split}_n"] = float(len(y))
-        frame = pd.DataFrame(probs, columns=[f"prob_{c}" for c in CLASSES[:probs.shape[1]]])
-        frame.insert(0, "dicom_id", data.dicom_ids)
-        frame.insert(1, "split", split)
-        frame.insert(2, "label", [CLASSES[i] for i in y])
-        frame.insert(3, "pred", [CLASSES[i] for i in probs.argmax(1)])
-        predictions.append(frame)
+        predictions.append(_prediction_frame(split, data, probs))
         steps.update()
+    save_scores(out_dir / SCORES_FILE, scores, [run_config["train"]["seed"]], scoring, CLASSES[:probs.shape[1]])
     pd.concat(predictions, ignore_index=True).to_csv(out_dir / "predictions.csv", index=False,
                                                      float_format="%.6f", lineterminator="\n")
 
-    test, test_probs = split_data["test"]
-    pred = torch.from_numpy(test_probs.argmax(1))
-    maps = compute_heatmaps(model, test.images, pred, generator_rule(variant), device, cfg.batch_size)
-    steps.update()
-    table = saliency_table(maps, test, prepared_dir)
-    table.to_csv(out_dir / "saliency.csv", index=False, float_format="%.6f", lineterminator="\n")
-    for name, group in table.groupby("map", sort=False):
-        for column in group.columns.drop(["dicom_id", "map"]):
-            values = group[column].to_numpy(np.float64)
-            metrics[f"test_sal_{name}_{column}"] = float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
-    steps.update()
+    spec = parse_variant(variant)
+    tables = []
+    for split, (data, probs) in split_data.items():  # val: the registry's evidence; test: the report's
+        pred = torch.from_numpy(probs.argmax(1))
+        maps = compute_heatmaps(model, data.images, pred, generator_rule(variant), device, cfg.batch_size)
+        if not spec.trains_mask:
+            maps["mask"] = None  # baseline has no decoder; set 1's is never trained, so its mask means nothing
+        table = saliency_table(maps, data, prepared_dir)
+        metrics.update(average_by_map(table, prefix=f"{split}_sal_"))
+        tables.append(table.assign(split=split))
+        if split == "test":
+            test, test_probs, test_maps = data, probs, maps
+        steps.update()
+    pd.concat(tables, ignore_index=True).to_csv(out_dir / "saliency.csv", index=False, float_format="%.6f",
+                                                lineterminator="\n")
+    sanity = sanity_check(model, generator_map_fn(generator_rule(variant)), test.images,
+                          torch.from_numpy(test_probs.argmax(1)), classes=test.labels, n_images=cfg.sanity_images,
+                          seed=cfg.seed, batch_size=cfg.batch_size)
+    metrics.update(sanity.to_metrics("sanity_generator_"))
+    (out_dir / "sanity.json").write_text(json.dumps(_json_safe(sanity.to_metrics("")) | {"reasons": sanity.reasons},
+                                                    indent=2, sort_keys=True) + "\n")
 
-    figures = _write_figures(figures_dir, test, test_probs, maps, cfg, history_csv)
+    figures = _write_figures(figures_dir, test, test_probs, test_maps, cfg, history_csv)
     steps.update()
     steps.close()
     metrics = {k: (float(v) if v is not None else math.nan) for k, v in metrics.items()}
@@ -255,7 +309,8 @@ def _json_safe(metrics: dict[str, float]) -> dict[str, float | None]:
 
 def _write_figures(figures_dir: Path, test: SplitTensors, probs: np.ndarray, maps: dict[str, np.ndarray | None],
                    cfg: EvalConfig, history_csv: str | Path | None) -> dict[str, Path]:
-    from cxrgaze.evaluation.figures import (PanelRow, confusion_matrix_figure, heatmap_panel, roc_curves,
+    from cxrgaze.evaluation.figures import (PanelRow, confusion_matrix_figure, heatmap_panel, reliability_diagram,
+                                            roc_curves,
                                             select_panel_cases, training_curves)
 
     y = test.labels.numpy()
@@ -270,6 +325,7 @@ def _write_figures(figures_dir: Path, test: SplitTensors, probs: np.ndarray, map
                      prob=float(probs[i, pred[i]]), dicom_id=test.dicom_ids[i]) for i in cases]
     made = {"heatmaps": heatmap_panel(rows) if rows else None,
             "roc": roc_curves(y, probs, names),
+            "reliability": reliability_diagram(y, probs, names, n_bins=cfg.calibration_bins),
             "confusion": confusion_matrix_figure(y, pred, names)}
     if history_csv is not None and Path(history_csv).exists():
         made["training"] = training_curves(pd.read_csv(history_csv).to_dict("records"))
@@ -280,3 +336,36 @@ def _write_figures(figures_dir: Path, test: SplitTensors, probs: np.ndarray, map
         fig.savefig(path, dpi=100, bbox_inches="tight")
         figures[name] = path
     return figures
+
+
+SEED_SPREAD = ("val_auc_macro", "test_auc_macro", *(f"test_auc_{c}" for c in CLASSES))
+"""Metrics whose standard deviation over seeds the variant summary reports."""
+
+
+def combine_seeds(variant: str, seed_dirs: list[Path], out_dir: str | Path) -> dict[str, Any]:
+    """The variant's summary over its seeds' evaluations (each folder written by
+    :func:`evaluate`): ``out_dir/scores.npz`` with every seed's logits and the seed-averaged
+    scores (what the report's paired tests use), and ``out_dir/metrics.json`` with the mean
+    over seeds of every metric, ``<metric>_seed_sd`` for :data:`SEED_SPREAD`, and
+    ``n_seeds``. Returns the summary."""
+    out_dir = Path(out_dir)
+    per_seed = [load_scores(d / SCORES_FILE) for d in seed_dirs]
+    first = per_seed[0]
+    splits = {}
+    for split in first.splits:
+        if any(not np.array_equal(s[split].dicom_ids, first[split].dicom_ids) for s in per_seed):
+            raise ValueError(f"{variant}: the seeds were evaluated on different {split} cases")
+        logits = np.concatenate([s[split].logits_per_seed for s in per_seed])  # (S, N, K)
+        splits[split] = split_from_logits(first[split].labels, first[split].dicom_ids, logits, first.scoring)
+    seeds = np.concatenate([s.seeds for s in per_seed])
+    save_scores(out_dir / SCORES_FILE, splits, seeds, first.scoring, first.classes)
+    frames = pd.DataFrame([json.loads((d / "metrics.json").read_text()) for d in seed_dirs]).drop(columns="variant")
+    frames = frames.apply(pd.to_numeric, errors="coerce")
+    summary: dict[str, Any] = {k: float(v) for k, v in frames.mean().items()}
+    for key in SEED_SPREAD:
+        summary[f"{key}_seed_sd"] = float(frames[key].std(ddof=1)) if len(frames) > 1 else math.nan
+    summary["n_seeds"] = float(len(seed_dirs))
+    (out_dir / "metrics.json").write_text(json.dumps({"variant": variant, "scoring": first.scoring,
+                                                      "seeds": seeds.tolist(), **_json_safe(summary)},
+                                                     indent=2, sort_keys=True) + "\n")
+    return summary

@@ -136,7 +136,6 @@ def evaluate_tracked(
     train_dir: str | Path,
     prepared_dir: str | Path,
     split_csv: str | Path,
-    dicom_dir: str | Path,
     out_dir: str | Path,
     config: EvalConfig | None = None,
     figures_dir: str | Path | None = None,
@@ -155,7 +154,6 @@ def evaluate_tracked(
     run_id = _run_for(train_dir, prepared_dir)
     result = evaluate(train_dir / "best.pt", prepared_dir, split_csv, out_dir, config,
                       history_csv=train_dir / "history.csv", figures_dir=figures_dir, progress=progress)
-    example = _example_dicom(prepared_dir, split_csv, Path(dicom_dir))
     from cxrgaze.serving.log import log_model
 
     with resumed_run(run_id):
@@ -164,7 +162,7 @@ def evaluate_tracked(
             mlflow.log_artifact(str(figure), "figures")
         for name in ("metrics.json", "predictions.csv", "saliency.csv"):
             mlflow.log_artifact(str(out_dir / name), "evaluation")
-        info = log_model(train_dir / "best.pt", prepared_data_config(prepared_dir), example.read_bytes())
+        info = log_model(train_dir / "best.pt", prepared_data_config(prepared_dir))
         mlflow.set_tags({EVALUATED_TAG: "true", "cxrgaze.model_uri": info.model_uri})
     write_run_file(out_dir, run_id=run_id, model_uri=info.model_uri, variant=result.variant)
     return result, run_id, info.model_uri
@@ -191,17 +189,16 @@ def _run_for(train_dir: Path, prepared_dir: Path) -> str:
         return run.info.run_id
 
 
-def _example_dicom(prepared_dir: Path, split_csv: str | Path, dicom_dir: Path) -> Path:
-    """The smallest test-split DICOM: the model's input example (a real file, kept small)."""
-    manifest = pd.read_csv(prepared_dir / "manifest.csv", dtype=str)
-    split = pd.read_csv(split_csv, dtype=str)
-    test_ids = set(split.loc[split["split"] == "test", "dicom_id"])
-    paths = [dicom_dir / p for p in manifest.loc[manifest["dicom_id"].isin(test_ids), "path"]]
-    existing = [p for p in paths if p.is_file()]
-    if not existing:
-        raise FileNotFoundError(f"{dicom_dir}: none of the {len(paths)} test DICOMs is there "
-                                "(the input example of the logged model is one of them)")
-    return min(existing, key=lambda p: (p.stat().st_size, p.name))
+def seed_runs(folder: str | Path) -> list[tuple[int | None, Path]]:
+    """The per-seed output folders of a variant (``folder/seed<S>/``, by seed), or
+    ``[(None, folder)]`` for a folder that holds one run itself (``cxrgaze train --out``)."""
+    folder = Path(folder)
+    if (folder / RUN_FILE).exists():
+        return [(None, folder)]
+    found = [(int(p.name[4:]), p) for p in folder.glob("seed*") if p.is_dir() and p.name[4:].isdigit()]
+    if not found:
+        raise FileNotFoundError(f"{folder}: no {RUN_FILE} and no seed<S>/ folders (did the stage run?)")
+    return sorted(found)
 
 
 def log_report(report: Report, eval_root: str | Path, paths: dict[str, Path]) -> str:
@@ -209,16 +206,17 @@ def log_report(report: Report, eval_root: str | Path, paths: dict[str, Path]) ->
     run named ``report``; returns that run's id."""
     set_experiment()
     for variant, refs in report.paired.items():
-        run_id = read_run_file(Path(eval_root) / variant)["run_id"]
-        if not run_exists(run_id):
-            print(f"report: MLflow run {run_id} of {variant} is not in {mlflow.get_tracking_uri()}; not logged there")
-            continue
-        with resumed_run(run_id):
-            for ref, p in refs.items():
-                mlflow.log_metrics(finite_metrics({f"test_auc_macro_diff_vs_{ref}": p["difference"],
-                                                   f"test_auc_macro_diff_vs_{ref}_ci95_low": p["low"],
-                                                   f"test_auc_macro_diff_vs_{ref}_ci95_high": p["high"],
-                                                   f"test_auc_macro_diff_vs_{ref}_p_value": p["p_value"]}))
+        for _, folder in seed_runs(Path(eval_root) / variant):
+            run_id = read_run_file(folder)["run_id"]
+            if not run_exists(run_id):
+                print(f"report: MLflow run {run_id} of {variant} is not in {mlflow.get_tracking_uri()}; not logged there")
+                continue
+            with resumed_run(run_id):
+                for ref, p in refs.items():
+                    mlflow.log_metrics(finite_metrics({f"test_auc_macro_diff_vs_{ref}": p["difference"],
+                                                       f"test_auc_macro_diff_vs_{ref}_ci95_low": p["low"],
+                                                       f"test_auc_macro_diff_vs_{ref}_ci95_high": p["high"],
+                                                       f"test_auc_macro_diff_vs_{ref}_p_value": p["p_value"]}))
     with mlflow.start_run(run_name="report") as run:
         mlflow.set_tags({**run_tags(None, None), "cxrgaze.kind": "report"})
         for path in paths.values():
@@ -239,10 +237,12 @@ def register_evaluated(eval_root: str | Path, variants: list[str], prepared_dir:
     cfg = from_mapping(RegisterConfig, mapping, where=where)
     candidates = []
     for variant in variants:
-        info = read_run_file(Path(eval_root) / variant)
-        if not info.get("model_uri"):
-            raise ValueError(f"{Path(eval_root) / variant / RUN_FILE}: no model_uri (evaluate did not finish)")
-        candidates.append(Candidate(variant, info["run_id"], info["model_uri"]))
+        runs = seed_runs(Path(eval_root) / variant)
+        for seed, folder in runs:
+            info = read_run_file(folder)
+            if not info.get("model_uri"):
+                raise ValueError(f"{folder / RUN_FILE}: no model_uri (evaluate did not finish)")
+            candidates.append(Candidate(variant, info["run_id"], info["model_uri"], seed if len(runs) > 1 else None))
     split = pd.read_csv(split_csv, dtype=str)
     val_set = validation_set_id(split.loc[split["split"] == "val", "dicom_id"].tolist())
     version = data_version() or hashlib.sha1((Path(prepared_dir) / "manifest.csv").read_bytes()).hexdigest()

@@ -57,11 +57,11 @@ def print_summary(root: Path = Path(".")) -> None:
 
 
 def _print_results(results_md: Path, register_json: Path) -> None:
-    """The report's classification and paired tables, and the registry's decision."""
+    """The report's headline, champion pick and classification tables, and the registry's decision."""
     if results_md.exists():
-        _section(f"results  ({results_md}: the full report, heatmap tables included)")
+        _section(f"results  ({results_md}: the full report, with paired tests, calibration, heatmaps, sanity checks)")
         text = results_md.read_text()
-        cut = text.find("## Heatmaps")
+        cut = text.find("## Paired comparisons")
         print((text[:cut] if cut >= 0 else text).split("\n", 2)[-1].rstrip())
     if register_json.exists():
         decision = json.loads(register_json.read_text())
@@ -69,6 +69,8 @@ def _print_results(results_md: Path, register_json: Path) -> None:
         print(f"champion: cxrgaze v{decision.get('champion_version')} - {decision.get('reason')}")
         for variant, why in (decision.get("skipped") or {}).items():
             print(f"not registered: {variant}: {why}")
+        for variant, why in (decision.get("refused") or {}).items():
+            print(f"refused by the explanation gate: {variant}: {why}")
 
 
 def _print_training(metrics_dir: Path) -> None:
