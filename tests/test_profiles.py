@@ -35,3 +35,40 @@ def test_paper_profile_has_the_reference_settings():
     assert (unet.train.lr, unet.train.epochs, unet.loss.gamma, unet.model.dropout) == (0.0090552, 35, 0.41731, 0.5)
     assert (base.train.lr, base.train.epochs, base.loss.gamma, base.model.dropout) == (0.006486, 20, 1.0, 0.0)
     assert params["data"]["image_size"] == 224 and params["model"]["encoder"] == "efficientnet-b0"
+
+
+def test_study_overlay_states_only_differences_and_resolves(tmp_path):
+    """`cxrgaze profile` merges an overlay into params.yaml: what the overlay names changes,
+    everything else stays, and the result is a valid, budget-matched, three-seed setup."""
+    from cxrgaze.cli import main
+    from cxrgaze.train import run_seeds
+    from cxrgaze.tune import tune_config, variant_space
+
+    out = tmp_path / "params.yaml"
+    assert main(["profile", str(ROOT / "profiles/study.yaml"), "--base", str(ROOT / "params.yaml"),
+                 "--out", str(out)]) == 0
+    base, study = load_params(ROOT / "params.yaml"), load_params(out)
+    overlay = load_params(ROOT / "profiles/study.yaml")
+    for section in set(base) - set(overlay):
+        assert study[section] == base[section], section
+    assert study["train"] == {**base["train"], "seeds": [0, 1, 2]}
+    assert run_seeds(study) == (0, 1, 2)
+    assert [resolve_run_config(study, "unet", seed=s).train.seed for s in run_seeds(study)] == [0, 1, 2]
+    cfg = tune_config(study)
+    # The same budget for every variant with loss weights, each over the weights it has.
+    assert set(cfg.variants) == set(VARIANTS) - {"baseline"}
+    assert cfg.n_trials == 6
+    assert {v: sorted(variant_space(cfg.space, v)) for v in ("unet", "set1-gbp", "set2-deconv", "set3-gbp")} == {
+        "unet": ["gamma"], "set1-gbp": ["gamma"], "set2-deconv": ["gamma"], "set3-gbp": ["alpha", "gamma"]}
+
+
+def test_seeds_are_validated():
+    from cxrgaze.config import ConfigError
+    from cxrgaze.train import run_seeds
+
+    assert run_seeds({"train": {"seed": 3}}) == (3,)
+    for bad in ([], [0, 0], [-1], ["a"], 2):
+        with pytest.raises(ConfigError, match="train.seeds"):
+            run_seeds({"train": {"seeds": bad}})
+    with pytest.raises(ConfigError, match="both seed and seeds"):
+        run_seeds({"train": {"seeds": [1], "seed": 0}})

@@ -109,7 +109,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                           history_csv=train_dir / "history.csv", progress=not args.quiet)
         where = ""
     else:
-        result, run_id, model_uri = evaluate_tracked(train_dir, args.prepared, args.split, args.dicom_dir, args.out,
+        result, run_id, model_uri = evaluate_tracked(train_dir, args.prepared, args.split, args.out,
                                                      config, progress=not args.quiet)
         where = f"; MLflow run {run_id}, model {model_uri}"
     m = result.metrics
@@ -118,7 +118,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from cxrgaze.report import build_report, write_report
+    from cxrgaze.report import build_report, read_tuning, write_report
 
     params = load_params(args.params) if args.params else {}
     variants = args.variants or list(params.get("variants") or {}) or sorted(
@@ -126,7 +126,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     from cxrgaze.evaluate import EvalConfig
 
     config = from_mapping(EvalConfig, params.get("evaluate"), where=f"{args.params}: evaluate" if args.params else "evaluate")
-    report = build_report(args.eval_root, variants, n_resamples=config.n_resamples, seed=config.seed)
+    report = build_report(args.eval_root, variants, n_resamples=config.n_resamples, seed=config.seed,
+                          confidence=config.confidence, specificity=config.specificity,
+                          tuning=read_tuning(args.tune_json))
     paths = write_report(report, args.out)
     print(paths["markdown"].read_text())
 
@@ -176,6 +178,21 @@ def cmd_tune(args: argparse.Namespace) -> None:
     print(f"tuned overrides -> {write_best(args.out, params.get('variants') or {}, results)}")
 
 
+def cmd_profile(args: argparse.Namespace) -> None:
+    import yaml
+
+    from cxrgaze.config import overlay
+
+    merged = overlay(load_params(args.base), load_params(args.profile))
+    text = (f"# {args.base} with the overlay {args.profile} (written by `cxrgaze profile`; "
+            f"`git checkout {args.base}` restores the original)\n" + yaml.safe_dump(merged, sort_keys=False))
+    if args.out == "-":
+        print(text, end="")
+    else:
+        Path(args.out).write_text(text)
+        print(f"{args.out}: {args.base} + {args.profile}")
+
+
 def cmd_summary(args: argparse.Namespace) -> None:
     from cxrgaze.summary import print_summary
 
@@ -194,9 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    p = add("profile", cmd_profile, "Apply a profile overlay (profiles/NAME.yaml: only what differs) to params.yaml.")
+    p.add_argument("profile", help="the overlay file, e.g. profiles/study.yaml")
+    p.add_argument("--base", default="params.yaml", help="the parameters to start from (default params.yaml)")
+    p.add_argument("--out", default="params.yaml", help="where to write the result (default params.yaml; - for stdout)")
+
     p = add("synth", cmd_synth, "Write a synthetic dataset in the real EGD-CXR + MIMIC-CXR layout.")
     p.add_argument("out", help="output folder (gets egd-cxr/ and mimic-cxr/)")
-    p.add_argument("--patients", type=int, default=240, help="number of patients (default 240)")
+    p.add_argument("--patients", type=int, default=420, help="number of patients (default 420: about 525 images, "
+                   "170 of them in the shortcut-free test split)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     p.add_argument("--image-size", type=int, default=None, help="approximate image side in pixels (default ~256; real MIMIC-CXR is ~2500-3000)")
     p.add_argument("--shortcut-strength", type=float, default=0.9,
@@ -245,7 +268,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (metrics.json, predictions.csv, saliency.csv, figures/)")
     p.add_argument("--prepared", default="outputs/prepared", help="folder written by prepare (default outputs/prepared)")
     p.add_argument("--split", default="outputs/split.csv", help="split table (default outputs/split.csv)")
-    p.add_argument("--dicom-dir", default="data/mimic-cxr", help="MIMIC-CXR root (an input example for the logged model)")
     p.add_argument("--params", default=None, help="read the `evaluate` section of this params.yaml")
     p.add_argument("--resamples", type=int, default=None, help="percentile-bootstrap resamples (default 2000)")
     p.add_argument("--no-track", action="store_true", help="only write files; no MLflow run, no logged model")
@@ -256,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports", help="output folder (results.md, results.json, paired.csv)")
     p.add_argument("--params", default=None, help="params.yaml: variant order and evaluate settings")
     p.add_argument("--variants", nargs="+", default=None, help="variants to include (default: all evaluated)")
+    p.add_argument("--tune-json", default="outputs/metrics/tune.json",
+                   help="the tune stage's metrics: which variants were tuned (default outputs/metrics/tune.json)")
 
     p = add("register", cmd_register, "Register evaluated models in the MLflow registry; move `champion` by validation AUC.")
     p.add_argument("--eval-root", default="outputs/eval", help="folder with one evaluate output per variant")
@@ -282,12 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     p.add_argument("--workers", type=int, default=None, help="server worker processes (default: MLflow's, 1)")
 
-    p = add("tune", cmd_tune, "Tune set 3's alpha (and the rest of params.yaml tune.space) with Optuna; "
-            "write the best values as per-variant overrides.")
+    p = add("tune", cmd_tune, "Tune each variant's loss weights (params.yaml tune.space: set 3's alpha, gamma, lr) "
+            "with Optuna; write the best values as per-variant overrides.")
     from cxrgaze.config import VARIANTS
 
-    p.add_argument("--variant", required=True, choices=[v for v in VARIANTS if v.startswith("set3-")] + ["all"],
-                   help="a set-3 variant, or all (those of tune.variants)")
+    p.add_argument("--variant", required=True, choices=[*VARIANTS, "all"],
+                   help="a variant, or all (those of tune.variants)")
     p.add_argument("--params", default="params.yaml", help="read tune/model/loss/train/variants from this file (default params.yaml)")
     p.add_argument("--prepared", default="outputs/prepared", help="folder written by prepare (default outputs/prepared)")
     p.add_argument("--split", default="outputs/split.csv", help="split table (default outputs/split.csv)")

@@ -49,12 +49,19 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SplitConfig:
-    """Patient-level train/val/test split (``params.yaml: split``)."""
+    """Patient-level train/val/test split (``params.yaml: split``).
+
+    The defaults keep a third of the patients for test, so that the synthetic default
+    (420 patients) has a shortcut-free test split of more than 150 images: a 95 % CI of a
+    macro AUC near 0.7 is then about +-0.07 wide, narrower than the gaps it must resolve.
+    The synthetic generator aligns its shortcut marker to this split (``cxrgaze synth``
+    uses these defaults).
+    """
 
     seed: int = 42
-    train: float = 0.8
-    val: float = 0.1
-    test: float = 0.1
+    train: float = 0.55
+    val: float = 0.12
+    test: float = 0.33
 
     def __post_init__(self) -> None:
         parts = (self.train, self.val, self.test)
@@ -92,6 +99,18 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return params
+
+
+def overlay(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` merged in, mapping by mapping (a profile overlay: it states
+    only what differs; a list or a scalar in ``changes`` replaces the base's value)."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = overlay(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def load_section(cls: type[T], section: str, path: str | Path = "params.yaml") -> T:

@@ -55,7 +55,7 @@ Which patients are "test" is decided by :func:`cxrgaze.data.split.split_patients
 ``split_config`` on the (patient_id, label) table of the images that ``prepare`` will
 keep (the faulty entries below are left out and do not change it). **The shortcut is
 aligned to that split config**: the pipeline must split with the same config (the
-``split`` section of ``params.yaml``, seed 42, 80/10/10 by default). If you change the
+``split`` section of ``params.yaml``, seed 42, 55/12/33 by default). If you change the
 split seed or fractions, regenerate the data with the same ``split_config``, or the test
 set carries the shortcut too.
 
@@ -283,7 +283,7 @@ def _master_rows(table: pd.DataFrame, rng: np.random.Generator) -> list[list[str
 
 def synthesize(
     out_dir: str | Path,
-    patients: int = 240,
+    patients: int = 420,
     seed: int = 0,
     image_size: int = 256,
     shortcut_strength: float = 0.9,
