@@ -85,8 +85,12 @@ def test_repro_of_train_unet_writes_checkpoints_and_metrics(repo):
     out = run(["dvc", "repro", "train@unet"], repo).stdout
     assert "Running stage 'train@unet'" in out
     assert "Running stage 'train@baseline'" not in out
-    assert (repo / "outputs" / "train" / "unet" / "best.pt").exists()
+    seed_run = repo / "outputs" / "train" / "unet" / "seed0"  # train.seeds: [0]
+    assert (seed_run / "best.pt").exists() and (seed_run / "run.json").exists()
     metrics = json.loads((repo / "outputs" / "metrics" / "train-unet.json").read_text())
-    assert metrics["variant"] == "unet" and 0.0 <= metrics["val_auc_macro"] <= 1.0
+    own = json.loads((seed_run / "metrics.json").read_text())
+    # The stage's metrics are the mean over seeds (one here) and each seed's own, under seed<S>.
+    assert metrics["variant"] == "unet" and metrics["n_seeds"] == 1
+    assert metrics["seed0"] == own and metrics["val_auc_macro"] == pytest.approx(own["val_auc_macro"], abs=1e-6)
     shown = run(["dvc", "metrics", "show"], repo).stdout
     assert "train-unet.json" in shown
