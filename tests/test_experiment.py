@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import math
 
@@ -63,9 +64,27 @@ def test_training_and_evaluation_land_in_one_run(tiny_prepared, mlflow_store, tm
     assert m["test_auc_macro_ci95_low"] <= m["test_auc_macro"] <= m["test_auc_macro_ci95_high"]
     assert m["test_auc_macro_paper_p2.5"] <= m["test_auc_macro_paper_p50"] <= m["test_auc_macro_paper_p97.5"]
     assert {"test_sal_mask_cc", "test_sal_generator_nss", "test_sal_mask_marker_mass"} <= set(m)
+    # Calibration, the sanity checks and the heatmap counts are in the run.
+    assert {"test_brier", "test_ece", "test_sens_at_spec90_CHF", "sanity_generator_passed",
+            "sanity_generator_cascade_spearman", "test_sal_mask_cc_n", "val_sal_generator_cc"} <= set(m)
+    assert m["test_sal_mask_cc_n"] + m["test_sal_mask_cc_nan"] == m["test_n"]
     figures = {a.path for a in client.list_artifacts(run_id, "figures")}
-    assert {"figures/roc.png", "figures/confusion.png", "figures/heatmaps.png", "figures/training.png"} <= figures
+    assert {"figures/roc.png", "figures/confusion.png", "figures/heatmaps.png", "figures/training.png",
+            "figures/reliability.png"} <= figures
+    evaluation_files = {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    assert {"evaluation/scores.npz", "evaluation/sanity.json", "evaluation/saliency.csv"} <= evaluation_files
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["variant"] == "unet"
+
+    # The input example inside the model artifact is the purpose-made synthetic DICOM, not a
+    # file of the user's data (patient data must not travel inside a model).
+    import pydicom
+    from mlflow.models import Model
+
+    example = Model.load(model_uri).load_input_example(mlflow.artifacts.download_artifacts(model_uri))
+    example_dicom = pydicom.dcmread(io.BytesIO(base64.b64decode(example["image"].iloc[0])))
+    assert example_dicom.PatientID == "EXAMPLE" and example_dicom.Modality == "DX"
+    data_patients = set(pd.read_csv(prepared / "manifest.csv", dtype=str)["patient_id"])
+    assert example_dicom.PatientID not in data_patients
 
     # The logged model serves raw DICOM bytes with the preprocessing of `prepare`:
     # it must give the probabilities of the evaluation for the same case.

@@ -46,13 +46,18 @@ def test_repro_ends_with_runs_figures_report_and_champion(repo):
     names = [name for name, _ in runs]
     for variant in VARIANTS:
         assert names.count(variant) == 1, names
-        figures = repo / "outputs" / "figures" / variant
-        assert {"roc.png", "confusion.png", "heatmaps.png", "training.png"} <= {p.name for p in figures.iterdir()}
-        run_info = json.loads((repo / "outputs" / "eval" / variant / "run.json").read_text())
+        figures = repo / "outputs" / "figures" / variant / "seed0"  # train.seeds: [0]
+        assert {"roc.png", "confusion.png", "heatmaps.png", "training.png", "reliability.png"} <= {
+            p.name for p in figures.iterdir()}
+        run_info = json.loads((repo / "outputs" / "eval" / variant / "seed0" / "run.json").read_text())
         assert run_info["model_uri"].startswith("models:/")
+        summary = json.loads((repo / "outputs" / "eval" / variant / "metrics.json").read_text())
+        assert summary["n_seeds"] == 1 and summary["scoring"] == "sigmoid"
     assert all(status == "FINISHED" for _, status in runs), runs
     results = (repo / "reports" / "results.md").read_text()
     assert "| set3-gbp |" in results and "vs unet" in results
+    for section in ("## Paired comparisons", "## Calibration", "## Sanity checks", "## Tuning", "budgets differ"):
+        assert section in results
     metrics = json.loads((repo / "reports" / "results.json").read_text())
     assert set(metrics) == set(VARIANTS)
     assert metrics["set3-gbp"]["diff_vs_unet_low"] <= metrics["set3-gbp"]["diff_vs_unet"]
@@ -84,5 +89,7 @@ def test_champion_is_served_by_alias(repo):
         out = mlflow.pyfunc.load_model("models:/cxrgaze@champion").predict(pd.DataFrame({"image": [payload]}))
     finally:
         mlflow.set_tracking_uri(None)
-    assert out["label"].iloc[0] in ("Normal", "CHF", "pneumonia")
-    assert abs(out[["prob_Normal", "prob_CHF", "prob_pneumonia"]].to_numpy().sum() - 1) < 1e-5
+    scores = out[["prob_Normal", "prob_CHF", "prob_pneumonia"]].to_numpy()[0]
+    assert out["scoring"].iloc[0] == "sigmoid"  # loss.cls_loss: bce -> a sigmoid per class
+    assert out["label"].iloc[0] == ("Normal", "CHF", "pneumonia")[scores.argmax()]
+    assert ((0 < scores) & (scores < 1)).all()

@@ -160,7 +160,7 @@ def evaluate_tracked(
         mlflow.log_metrics(finite_metrics(result.metrics))
         for figure in result.figures.values():
             mlflow.log_artifact(str(figure), "figures")
-        for name in ("metrics.json", "predictions.csv", "saliency.csv"):
+        for name in ("metrics.json", "scores.npz", "predictions.csv", "saliency.csv", "sanity.json"):
             mlflow.log_artifact(str(out_dir / name), "evaluation")
         info = log_model(train_dir / "best.pt", prepared_data_config(prepared_dir))
         mlflow.set_tags({EVALUATED_TAG: "true", "cxrgaze.model_uri": info.model_uri})
