@@ -166,6 +166,17 @@ def test_params_resolve_per_variant_overrides():
         resolve_run_config(params, "set4-gbp")
 
 
+def test_amp_off_survives_yaml_that_lost_its_quotes():
+    """`dvc exp run -S` rewrites params.yaml without quotes, and YAML reads `amp: off` as false."""
+    import yaml
+
+    params = yaml.safe_load("train:\n  amp: off\n")
+    assert params["train"]["amp"] is False
+    assert resolve_run_config(params, "unet").train.amp == "off"
+    with pytest.raises(ValueError, match="train.amp must be 'off' or 'bf16'"):
+        resolve_run_config(yaml.safe_load("train:\n  amp: on\n"), "unet")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("amp", ["off", "bf16"])

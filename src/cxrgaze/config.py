@@ -221,7 +221,8 @@ class TrainConfig:
     device: str = "auto"
     """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:1``..."""
     amp: str = "off"
-    """``off`` or ``bf16`` (autocast; meant for CUDA)."""
+    """``off`` or ``bf16`` (autocast; meant for CUDA). YAML reads an unquoted ``off`` as
+    ``false`` (and ``dvc exp run -S`` rewrites ``"off"`` unquoted): ``false`` means ``off``."""
     augment: bool = False
     """Small random affine on image and gaze together (off, as the reference)."""
     eval_batch_size: int = 64
@@ -237,5 +238,7 @@ class TrainConfig:
             raise ConfigError(f"train.optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
         if self.scheduler not in ("none", "cyclic"):
             raise ConfigError(f"train.scheduler must be 'none' or 'cyclic', got {self.scheduler!r}")
+        if self.amp is False:
+            object.__setattr__(self, "amp", "off")
         if self.amp not in ("off", "bf16"):
             raise ConfigError(f"train.amp must be 'off' or 'bf16', got {self.amp!r}")

@@ -1,7 +1,10 @@
-"""Evaluation of one trained model: AUCs with confidence intervals, heatmap-vs-gaze
-agreement, figures. ``evaluate(checkpoint, prepared_dir, split_csv, out_dir) -> EvalResult``.
+"""Evaluation of one trained model: AUCs with confidence intervals, calibration, heatmap-vs-gaze
+agreement, sanity checks, figures. ``evaluate(checkpoint, prepared_dir, split_csv, out_dir) -> EvalResult``;
+:func:`combine_seeds` summarises the evaluations of one variant's training seeds.
 
-What it computes (every number is written to ``out_dir/metrics.json``):
+Scores are the training objective's (:mod:`cxrgaze.predict`: a sigmoid per class for
+``loss.cls_loss: bce``, softmax for ``ce``), computed in float64 from the logits. What it
+computes (every number is written to ``out_dir/metrics.json``):
 
 * ``{val,test}_auc_{macro,<class>}``: one-vs-rest AUC on all cases of the split.
 * ``..._ci95_low`` / ``..._ci95_high``: the standard percentile bootstrap
@@ -9,19 +12,27 @@ What it computes (every number is written to ``out_dir/metrics.json``):
 * ``..._paper_p2.5`` / ``_p50`` / ``_p97.5``: the paper's protocol (30 resamples of 55-60
   cases): what the paper's tables print. Different numbers from the same predictions:
   the names say which is which.
-* ``test_sal_<map>_<metric>``: agreement of each heatmap with the radiologist's gaze on
-  the test set, averaged over images: maps ``mask`` (decoder), ``generator`` (the
-  variant's own rule; guided backprop for variants without one, so that every model gets
-  the same diagnostic) and ``gradcam``; metrics CC, KL, SIM, NSS, AUC-Judd, ``finding_mass``
-  (share of the map inside the finding boxes) and ``marker_mass`` (inside the burned-in
-  ``marker`` box of synthetic data: how much the map looks at the shortcut).
+* ``{val,test}_brier``, ``_ece``, ``_ece_<class>``, ``_sens_at_spec90_<class>`` (with its
+  CI): calibration and the operating point (:func:`calibration_metrics`).
+* ``{val,test}_sal_<map>_<metric>``: agreement of each heatmap with the radiologist's gaze,
+  averaged over images, with ``_n`` (images averaged) and ``_nan`` (images without a
+  value) beside each mean: maps ``mask`` (decoder; left out where no loss trains it, set
+  1, or there is none, baseline), ``generator`` (the variant's own rule; guided backprop
+  for variants without one, so that every model gets the same diagnostic) and ``gradcam``;
+  metrics CC, KL, SIM (the paper's), SIM (the benchmark's), NSS, AUC-Judd,
+  ``finding_mass`` (share of the map inside the finding boxes) and ``marker_mass`` (inside
+  the burned-in ``marker`` box of synthetic data: how much the map looks at the shortcut).
+  Validation's are the registry's explanation evidence; test's are the report's.
+* ``sanity_generator_*``: the generator's sanity checks (:mod:`cxrgaze.evaluation.sanity`).
 
 Heatmaps explain the *predicted* class. Checkpoints are chosen on validation AUC during
 training; test cases are only read here.
 
-Outputs: ``metrics.json``, ``predictions.csv`` (one row per val/test case with class
-probabilities), ``saliency.csv`` (per test case and map), ``figures/`` (heatmap panel,
-ROC curves, confusion matrix, training curves).
+Outputs: ``metrics.json``, ``scores.npz`` (full-precision logits and scores,
+:mod:`cxrgaze.evaluation.scores`: what the report's paired tests read),
+``predictions.csv`` (one row per val/test case, rounded, for reading), ``saliency.csv``
+(per case, split and map), ``sanity.json``, ``figures/`` (heatmap panel, ROC curves,
+reliability diagram, confusion matrix, training curves).
 """
 
 from __future__ import annotations

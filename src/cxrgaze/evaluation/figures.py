@@ -29,7 +29,7 @@ class PanelRow:
     """One case of :func:`heatmap_panel`: the grey image and its heatmaps, all (H, W).
 
     Heatmaps are drawn on a fixed [0, 1] colour scale; ``None`` shows as "n/a".
-    ``prob`` is the predicted class's probability.
+    ``prob`` is the predicted class's score (the training objective's: a sigmoid per class or a softmax).
     """
 
     image: np.ndarray

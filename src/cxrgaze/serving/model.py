@@ -172,7 +172,7 @@ class CxrGazeModel(mlflow.pyfunc.PythonModel):
         return np.stack(images)
 
     def _infer(self, x: torch.Tensor, heatmap: str) -> tuple[np.ndarray, np.ndarray | None]:
-        """Class probabilities (b, K) and heatmaps (b, S, S) in [0, 1] (None for ``none``) of
+        """Class scores (b, K; :mod:`cxrgaze.predict`) and heatmaps (b, S, S) in [0, 1] (None for ``none``) of
         grey images ``x`` (b, 1, S, S)."""
         from cxrgaze.explain import generator_maps, trace
         from cxrgaze.explain.gradcam import gradcam
