@@ -38,7 +38,7 @@ def main() -> None:
         print(f"{variant} {folder.name}: test macro AUC {m['test_auc_macro']:.3f} "
               f"[{m.get('test_auc_macro_ci95_low', float('nan')):.3f}, {m.get('test_auc_macro_ci95_high', float('nan')):.3f}]"
               f", MLflow run {run_id}, model {model_uri}")
-    combine_seeds(variant, seeds, out)
+    combine_seeds(variant, seeds, out, config)
     Path(metrics_json).parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(out / "metrics.json", metrics_json)
 

@@ -250,7 +250,8 @@ def test_paired_p_value_definition():
     result = paired_bootstrap(y, a, b, n_resamples=300, seed=2)
     indices = bootstrap_indices(60, 300, seed=2)
     d = macro(auc_resampled(y, a, indices)) - macro(auc_resampled(y, b, indices))
-    expected = min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0)))
+    tail = min(np.sum(d <= 0), np.sum(d >= 0))
+    expected = min(1.0, 2 * (tail + 1) / (300 + 1))  # two-sided, add-one (Davison and Hinkley)
     assert result.p_value == expected and 0.0 <= result.p_value <= 1.0
     assert (result.low, result.high) == tuple(np.percentile(d, [2.5, 97.5]))
 
@@ -272,7 +273,7 @@ def test_paired_per_class_and_macro_use_the_same_resamples():
         low, high = np.percentile(d, [2.5, 97.5])
         assert entry.low == pytest.approx(low, abs=1e-12) and entry.high == pytest.approx(high, abs=1e-12)
         tail = min((d <= 1e-12).sum(), (d >= -1e-12).sum())
-        assert entry.p_value == (min(1.0, 2 * tail / 250) if tail else 1 / 251)
+        assert entry.p_value == min(1.0, 2 * (tail + 1) / 251)
         assert entry.p_at_floor == (tail == 0)
     macro_only = paired_bootstrap(y, a, b, n_resamples=250, seed=3)
     assert (macro_only.difference, macro_only.low, macro_only.high, macro_only.p_value) == (
@@ -286,37 +287,37 @@ def test_paired_p_value_floor_when_no_resample_crosses_zero():
     perfect, random = np.eye(3)[y], rng.random((200, 3))
     table = paired_auc_bootstrap(y, perfect, random, n_resamples=400, seed=0)
     for entry in table.values():
-        assert entry.p_at_floor and entry.p_value == 1 / 401 and entry.low > 0
+        assert entry.p_at_floor and entry.p_value == 2 / 401 and entry.low > 0
     assert paired_bootstrap(y, perfect, random, n_resamples=400).p_at_floor
     same = paired_auc_bootstrap(y, random, random.copy(), n_resamples=50)
     assert all(e.p_value == 1.0 and not e.p_at_floor and e.difference == 0.0 for e in same.values())
 
 
 def test_bootstrap_p_value_hand_computed():
-    # 10 resamples, 2 at or below zero, 8 above: p = 2 * 2 / 10
+    # 10 resamples, 2 at or below zero, 8 above: p = 2 * (2 + 1) / (10 + 1)
     d = np.array([-0.1, 0.0, 0.2, 0.3, 0.1, 0.4, 0.5, 0.2, 0.3, 0.1])
-    assert bootstrap_p_value(d) == (0.4, False)
-    assert bootstrap_p_value(np.r_[d, np.nan]) == (0.4, False)  # NaN resamples do not count
-    assert bootstrap_p_value(np.abs(d) + 0.01) == (1 / 11, True)  # none crossed: floor 1/(R+1)
+    assert bootstrap_p_value(d) == (6 / 11, False)
+    assert bootstrap_p_value(np.r_[d, np.nan]) == (6 / 11, False)  # NaN resamples do not count
+    assert bootstrap_p_value(np.abs(d) + 0.01) == (2 / 11, True)  # none crossed: floor 2/(R+1)
     assert bootstrap_p_value(np.zeros(5)) == (1.0, False)
-    assert bootstrap_p_value(-np.abs(d) - 0.01) == (1 / 11, True)  # two-sided
+    assert bootstrap_p_value(-np.abs(d) - 0.01) == (2 / 11, True)  # two-sided
     p, flag = bootstrap_p_value(np.array([np.nan]))
     assert np.isnan(p) and not flag
-    assert p_floor(2000) == 1 / 2001
+    assert p_floor(2000) == 2 / 2001
 
 
 @pytest.mark.parametrize("p, n, bound, text", [
-    (1 / 2001, 2000, False, "< 0.0005"),
-    (1 / 1001, 1000, False, "< 0.001"),
-    (1 / 301, 300, False, "< 0.004"),  # 0.00332 rounded UP: the text stays a true bound
-    (0.0, 2000, False, "< 0.0005"),
-    (2 / 2000, 2000, False, "0.0010"),
+    (2 / 2001, 2000, False, "≤ 0.001"),
+    (2 / 10001, 10000, False, "≤ 0.0002"),
+    (2 / 301, 300, False, "≤ 0.007"),  # 0.00664 rounded UP: the text stays a true bound
+    (0.0, 2000, False, "≤ 0.001"),
+    (4 / 2001, 2000, False, "0.0020"),
     (0.046, 2000, False, "0.046"),
     (0.34, None, False, "0.34"),
     (1.0, 2000, False, "1.00"),
     (0.012345, None, False, "0.012"),
     (3e-9, None, False, "< 0.0001"),
-    (60 / 2001, 2000, True, "< 0.030"),
+    (120 / 2001, 2000, True, "≤ 0.060"),
     (float("nan"), 2000, False, "n/a"),
     (None, 2000, False, "n/a"),
 ])
@@ -327,7 +328,7 @@ def test_format_p(p, n, bound, text):
 def test_format_p_never_prints_zero():
     for n in (100, 999, 2000, 10_000):
         for p in (p_floor(n), 2 / n, 3 / n):
-            assert not set(format_p(p, n).lstrip("< ")) <= set("0.")
+            assert not set(format_p(p, n).lstrip("≤ ")) <= set("0.")
 
 
 def test_percentile_interval():

@@ -9,7 +9,8 @@ import pytest
 
 from cxrgaze.cli import build_parser, main
 
-COMMANDS = ["synth", "prepare", "split", "tune", "train", "evaluate", "report", "register", "predict", "serve", "summary"]
+COMMANDS = ["synth", "prepare", "split", "tune", "train", "evaluate", "report", "register", "predict", "serve", "summary",
+            "profile"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -61,3 +62,19 @@ def test_register_without_evaluations_is_one_line(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "run.json" in err[0]
+
+
+def test_train_seed_flag_replaces_the_seeds_list(tiny_prepared, tmp_path, capsys):
+    """`--seed N` trains that one seed even when params.yaml lists train.seeds."""
+    import yaml
+
+    from cxrgaze.train import load_checkpoint
+
+    prepared, split = tiny_prepared
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"model": {"encoder": "tu-tinynet_e", "decoder_channels": [32, 16, 16, 8, 8]},
+                                      "train": {"seeds": [0, 1], "epochs": 1, "device": "cpu"}}))
+    code = main(["train", "--variant", "unet", "--params", str(params), "--prepared", str(prepared), "--split",
+                 str(split), "--out", str(tmp_path / "out"), "--seed", "7", "--no-track", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "out" / "best.pt")["config"]["train"]["seed"] == 7

@@ -128,9 +128,9 @@ def test_min_delta_is_validated():
 def test_explanation_gate_refuses_candidates_whose_evidence_fails(mlflow_store):
     """The best validation AUC belongs to a model whose generator ignores the gaze: with a
     gate it is registered (inspectable) but refused, and the champion is the best that passes."""
-    shortcut = candidate("unet", 0.99, evidence={"val_sal_generator_cc": -0.05, "sanity_generator_passed": 1.0})
-    insane = candidate("set1-deconv", 0.95, evidence={"val_sal_generator_cc": 0.40, "sanity_generator_passed": 0.0})
-    good = candidate("set3-gbp", 0.90, evidence={"val_sal_generator_cc": 0.30, "sanity_generator_passed": 1.0})
+    shortcut = candidate("unet", 0.99, evidence={"val_sal_generator_cc": -0.05, "val_sanity_generator_passed": 1.0})
+    insane = candidate("set1-deconv", 0.95, evidence={"val_sal_generator_cc": 0.40, "val_sanity_generator_passed": 0.0})
+    good = candidate("set3-gbp", 0.90, evidence={"val_sal_generator_cc": 0.30, "val_sanity_generator_passed": 1.0})
     silent = candidate("baseline", 0.97)  # logged no evidence at all
     gate = RegisterConfig(gate={"min_gaze_cc": 0.1, "require_sanity": True})
     decision = register_and_promote([shortcut, insane, good, silent], "data-a", "val-1", never, gate)
@@ -162,3 +162,37 @@ def test_bad_gates_are_refused(gate, message):
 
     with pytest.raises(ConfigError, match=message):
         RegisterConfig(gate=gate)
+
+
+def test_gate_reads_validation_evidence_only(mlflow_store):
+    """A generator that failed its sanity checks on *test* images but passed on validation
+    is not refused: test data never steers promotion."""
+    cand = candidate("set3-gbp", 0.9, evidence={"val_sal_generator_cc": 0.3, "val_sanity_generator_passed": 1.0,
+                                                "sanity_generator_passed": 0.0, "test_sal_generator_cc": -0.5})
+    decision = register_and_promote([cand], "data-a", "val-1", never,
+                                    RegisterConfig(gate={"min_gaze_cc": 0.1, "require_sanity": True}))
+    assert not decision.refused and champion() == decision.versions["set3-gbp"]
+
+
+def test_a_gate_switched_on_removes_a_champion_that_fails_it(mlflow_store):
+    """The gate also applies to the current champion: one that fails it gives the alias to
+    the best candidate that passes, even one with a lower validation AUC."""
+    first = register_and_promote([candidate("unet", 0.99, evidence={"val_sal_generator_cc": -0.05})],
+                                 "data-a", "val-1", never)
+    gate = RegisterConfig(gate={"min_gaze_cc": 0.1})
+    decision = register_and_promote([candidate("set3-gbp", 0.90, evidence={"val_sal_generator_cc": 0.3})],
+                                    "data-a", "val-1", never, gate)
+    assert decision.promoted and champion() == decision.versions["set3-gbp"] != first.versions["unet"]
+    assert f"champion v{first.versions['unet']} fails the explanation gate" in decision.reason
+    # Nothing passes: the alias is removed rather than left on a refused model.
+    register_and_promote([], "data-a", "val-1", never, RegisterConfig(gate={"min_gaze_cc": 0.5}))
+    with pytest.raises(Exception):
+        champion()
+
+
+def test_a_gate_of_nulls_is_no_gate(mlflow_store):
+    decision = register_and_promote([candidate("unet", 0.99)], "data-a", "val-1", never,
+                                    RegisterConfig(gate={"min_gaze_cc": None, "require_sanity": False}))
+    assert not decision.refused
+    tags = MlflowClient().get_model_version("cxrgaze", decision.versions["unet"]).tags
+    assert tags["cxrgaze.gate"] == "no gate"

@@ -68,10 +68,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     from cxrgaze.train import resolve_run_config, train
 
     params = load_params(args.params) if args.params else {}
-    for key in ("epochs", "device", "seed", "batch_size", "lr"):
+    for key in ("epochs", "device", "batch_size", "lr"):
         if getattr(args, key) is not None:
             params.setdefault("train", {})
             params["train"] = {**(params["train"] or {}), key: getattr(args, key)}
+    if args.seed is not None:  # one run with this seed, whatever train.seeds lists
+        params["train"] = {k: v for k, v in (params.get("train") or {}).items() if k != "seeds"} | {"seed": args.seed}
     from cxrgaze.distributed import context_from_env, destroy
 
     main = context_from_env().is_main  # under torchrun only rank 0 reports
@@ -256,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="train this one seed (replaces train.seed and train.seeds)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing last.pt (its folder is overwritten)")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")

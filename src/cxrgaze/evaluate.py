@@ -23,7 +23,8 @@ computes (every number is written to ``out_dir/metrics.json``):
   ``finding_mass`` (share of the map inside the finding boxes) and ``marker_mass`` (inside
   the burned-in ``marker`` box of synthetic data: how much the map looks at the shortcut).
   Validation's are the registry's explanation evidence; test's are the report's.
-* ``sanity_generator_*``: the generator's sanity checks (:mod:`cxrgaze.evaluation.sanity`).
+* ``sanity_generator_*`` (test) and ``val_sanity_generator_*`` (validation: the registry's
+  evidence): the generator's sanity checks (:mod:`cxrgaze.evaluation.sanity`).
 
 Heatmaps explain the *predicted* class. Checkpoints are chosen on validation AUC during
 training; test cases are only read here.
@@ -89,7 +90,7 @@ class EvalConfig:
     specificity: float = 0.9
     """Operating point: sensitivity per class at this specificity (with a bootstrap CI)."""
     sanity_images: int = 16
-    """Test images (balanced over classes) used by the generator sanity checks."""
+    """Images per split (balanced over classes) used by the generator sanity checks."""
 
     def __post_init__(self) -> None:
         if self.calibration_bins < 2 or not 0.5 <= self.specificity < 1.0 or self.sanity_images < 2:
@@ -121,6 +122,10 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tu
     model = build_model(from_mapping(ModelConfig, config["model"], where=f"{checkpoint}: model"), variant=variant)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), config
+
+
+SANITY_PREFIX = {"val": "val_sanity_generator_", "test": "sanity_generator_"}
+"""Metric prefixes of the generator sanity checks per split (the registry gates on validation's)."""
 
 
 def generator_rule(variant: str) -> str:
@@ -297,12 +302,14 @@ def evaluate(
         steps.update()
     pd.concat(tables, ignore_index=True).to_csv(out_dir / "saliency.csv", index=False, float_format="%.6f",
                                                 lineterminator="\n")
-    sanity = sanity_check(model, generator_map_fn(generator_rule(variant)), test.images,
-                          torch.from_numpy(test_probs.argmax(1)), classes=test.labels, n_images=cfg.sanity_images,
-                          seed=cfg.seed, batch_size=cfg.batch_size)
-    metrics.update(sanity.to_metrics("sanity_generator_"))
-    (out_dir / "sanity.json").write_text(json.dumps(_json_safe(sanity.to_metrics("")) | {"reasons": sanity.reasons},
-                                                    indent=2, sort_keys=True) + "\n")
+    sanity = {}
+    for split, (data, probs) in split_data.items():  # val: the registry's evidence; test: the report's
+        result = sanity_check(model, generator_map_fn(generator_rule(variant)), data.images,
+                              torch.from_numpy(probs.argmax(1)), classes=data.labels, n_images=cfg.sanity_images,
+                              seed=cfg.seed, batch_size=cfg.batch_size)
+        metrics.update(result.to_metrics(SANITY_PREFIX[split]))
+        sanity[split] = _json_safe(result.to_metrics("")) | {"reasons": result.reasons}
+    (out_dir / "sanity.json").write_text(json.dumps(sanity, indent=2, sort_keys=True) + "\n")
 
     figures = _write_figures(figures_dir, test, test_probs, test_maps, cfg, history_csv)
     steps.update()
@@ -353,12 +360,21 @@ SEED_SPREAD = ("val_auc_macro", "test_auc_macro", *(f"test_auc_{c}" for c in CLA
 """Metrics whose standard deviation over seeds the variant summary reports."""
 
 
-def combine_seeds(variant: str, seed_dirs: list[Path], out_dir: str | Path) -> dict[str, Any]:
+def combine_seeds(variant: str, seed_dirs: list[Path], out_dir: str | Path,
+                  config: EvalConfig | None = None) -> dict[str, Any]:
     """The variant's summary over its seeds' evaluations (each folder written by
     :func:`evaluate`): ``out_dir/scores.npz`` with every seed's logits and the seed-averaged
-    scores (what the report's paired tests use), and ``out_dir/metrics.json`` with the mean
-    over seeds of every metric, ``<metric>_seed_sd`` for :data:`SEED_SPREAD`, and
-    ``n_seeds``. Returns the summary."""
+    scores, and ``out_dir/metrics.json``.
+
+    The classification numbers of the summary (AUCs with their CIs and paper-protocol
+    percentiles, calibration, sensitivity, accuracy) are those of the seed-averaged scores
+    (the seed ensemble): the same scores the report's paired tests compare, so a table's
+    AUC and its paired difference describe one model. Beside them, for
+    :data:`SEED_SPREAD`, ``<metric>_seed_mean`` and ``<metric>_seed_sd`` over the seeds.
+    Everything else (heatmap agreement, sanity checks: properties of each seed's model) is
+    the mean over seeds; ``sanity_generator_passed`` is then the share of seeds that
+    passed. Returns the summary."""
+    cfg = config or EvalConfig()
     out_dir = Path(out_dir)
     per_seed = [load_scores(d / SCORES_FILE) for d in seed_dirs]
     first = per_seed[0]
@@ -373,7 +389,14 @@ def combine_seeds(variant: str, seed_dirs: list[Path], out_dir: str | Path) -> d
     frames = pd.DataFrame([json.loads((d / "metrics.json").read_text()) for d in seed_dirs]).drop(columns="variant")
     frames = frames.apply(pd.to_numeric, errors="coerce")
     summary: dict[str, Any] = {k: float(v) for k, v in frames.mean().items()}
+    for split, data in splits.items():  # the ensemble's classification numbers replace the means
+        y, scores = data.labels, data.scores
+        summary.update(auc_summary(y, scores, prefix=f"{split}_"))
+        summary.update(ci_metrics(f"{split}_", y, scores, cfg))
+        summary.update(calibration_metrics(f"{split}_", y, scores, cfg))
+        summary[f"{split}_accuracy"] = float((scores.argmax(1) == y).mean())
     for key in SEED_SPREAD:
+        summary[f"{key}_seed_mean"] = float(frames[key].mean())
         summary[f"{key}_seed_sd"] = float(frames[key].std(ddof=1)) if len(frames) > 1 else math.nan
     summary["n_seeds"] = float(len(seed_dirs))
     (out_dir / "metrics.json").write_text(json.dumps({"variant": variant, "scoring": first.scoring,

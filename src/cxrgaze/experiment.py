@@ -206,7 +206,11 @@ def log_report(report: Report, eval_root: str | Path, paths: dict[str, Path]) ->
     run named ``report``; returns that run's id."""
     set_experiment()
     for variant, refs in report.paired.items():
-        for _, folder in seed_runs(Path(eval_root) / variant):
+        runs = seed_runs(Path(eval_root) / variant)
+        if len(runs) > 1:  # the differences are the seed ensemble's: no single seed's run has them
+            print(f"report: {variant} has {len(runs)} seeds; its paired differences are in the report run only")
+            continue
+        for _, folder in runs:
             run_id = read_run_file(folder)["run_id"]
             if not run_exists(run_id):
                 print(f"report: MLflow run {run_id} of {variant} is not in {mlflow.get_tracking_uri()}; not logged there")
@@ -219,6 +223,8 @@ def log_report(report: Report, eval_root: str | Path, paths: dict[str, Path]) ->
                                                        f"test_auc_macro_diff_vs_{ref}_p_value": p["p_value"]}))
     with mlflow.start_run(run_name="report") as run:
         mlflow.set_tags({**run_tags(None, None), "cxrgaze.kind": "report"})
+        mlflow.log_metrics(finite_metrics({f"{variant}.test_auc_macro_diff_vs_{ref}": p["difference"]
+                                           for variant, refs in report.paired.items() for ref, p in refs.items()}))
         for path in paths.values():
             mlflow.log_artifact(str(path))
         return run.info.run_id

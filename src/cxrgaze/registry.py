@@ -16,8 +16,9 @@ Rules (:func:`register_and_promote`):
   (``cxrgaze.decision``); running it again with nothing new moves nothing.
 * Explanation evidence: every version carries, as tags, its generator map's agreement
   with the gaze on *validation* (``cxrgaze.evidence.val_gaze_cc``, the metric
-  ``val_sal_generator_cc``) and whether the generator passed the sanity checks
-  (``cxrgaze.evidence.sanity``, from ``sanity_generator_passed``). The optional gate
+  ``val_sal_generator_cc``) and whether the generator passed the sanity checks on
+  validation images (``cxrgaze.evidence.sanity``, from ``val_sanity_generator_passed``):
+  test data never steers promotion. The optional gate
   (``register.gate``) refuses a candidate whose evidence fails it: the version is
   registered (so it can be inspected) but never promoted, and tag ``cxrgaze.gate`` says why.
 """
@@ -38,7 +39,7 @@ from cxrgaze.config import ConfigError
 
 EVALUATED_TAG = "cxrgaze.evaluated"
 GATE_KEYS = ("min_gaze_cc", "require_sanity")
-EVIDENCE_METRICS = {"val_gaze_cc": "val_sal_generator_cc", "sanity": "sanity_generator_passed"}
+EVIDENCE_METRICS = {"val_gaze_cc": "val_sal_generator_cc", "sanity": "val_sanity_generator_passed"}
 """Evidence tag name -> the run metric it is read from."""
 
 
@@ -120,6 +121,11 @@ def explanation_evidence(metrics: Mapping[str, float]) -> dict[str, float | None
     return out
 
 
+def gate_active(gate: Mapping[str, Any]) -> bool:
+    """Whether ``gate`` checks anything (``min_gaze_cc`` set or ``require_sanity`` true)."""
+    return gate.get("min_gaze_cc") is not None or bool(gate.get("require_sanity"))
+
+
 def gate_failure(evidence: Mapping[str, float | None], gate: Mapping[str, Any]) -> str | None:
     """Why ``gate`` refuses a candidate with ``evidence``, or None when it passes."""
     reasons = []
@@ -184,24 +190,33 @@ def register_and_promote(
                                          "not logged" if value is None else f"{value:.4f}")
         refusal = gate_failure(evidence, cfg.gate)
         client.set_model_version_tag(cfg.model_name, version.version, "cxrgaze.gate",
-                                     f"refused: {refusal}" if refusal else ("passed" if cfg.gate else "no gate"))
+                                     f"refused: {refusal}" if refusal else ("passed" if gate_active(cfg.gate) else "no gate"))
         if refusal:
             decision.refused[cand.label] = refusal
             continue
         scored.append((score, version, cand.label))
+    current = _champion(client, cfg)
+    champion_refusal = _champion_refusal(client, cfg, current)
     if not scored:
         decision.reason = ("every registered candidate was refused by the explanation gate" if decision.refused
                            else "no finished, evaluated run to register")
+        if champion_refusal:
+            client.delete_registered_model_alias(cfg.model_name, cfg.alias)
+            decision.reason += f"; champion v{current.version} fails the gate ({champion_refusal}): alias removed"
         decision.champion_version = _current(client, cfg)
         return decision
 
     best_score, best, best_variant = max(scored, key=lambda t: t[0])  # max keeps the first of equal scores
-    current = _champion(client, cfg)
     if current is None:
         decision.promoted = True
         decision.reason = f"first champion: {best_variant} v{best.version}, {cfg.metric} {best_score:.4f}"
     elif str(current.version) == str(best.version):
         decision.reason = f"v{best.version} ({best_variant}) is already the champion"
+    elif champion_refusal:
+        decision.promoted = True
+        decision.reason = (f"champion v{current.version} fails the explanation gate ({champion_refusal}): the best "
+                           f"candidate that passes, {best_variant} v{best.version} ({cfg.metric} {best_score:.4f}), "
+                           "takes the alias")
     else:
         champion_score = _champion_score(client, cfg, current, data_version, val_set, reevaluate)
         if best_score > champion_score + cfg.min_delta:
@@ -220,6 +235,13 @@ def register_and_promote(
             f"not the best candidate of this run ({best_variant} v{best.version}); {decision.reason}")
         client.set_model_version_tag(cfg.model_name, version.version, "cxrgaze.decision", note[:5000])
     return decision
+
+
+def _champion_refusal(client: MlflowClient, cfg: RegisterConfig, champion: ModelVersion | None) -> str | None:
+    """Why the active gate refuses the current champion (its run's evidence), or None."""
+    if champion is None or not gate_active(cfg.gate):
+        return None
+    return gate_failure(explanation_evidence(client.get_run(champion.run_id).data.metrics), cfg.gate)
 
 
 def _register(client: MlflowClient, cfg: RegisterConfig, cand: Candidate, run, data_version: str,

@@ -336,10 +336,12 @@ def _paired(report: Report) -> list[str]:
     lines = ["## Paired comparisons (test AUC differences, same cases)", "",
              f"Variant minus reference, for the macro AUC and each class. Paired bootstrap ({report.n_resamples} "
              "resamples, the same cases for both models): the difference on all cases, its percentile CI and the "
-             f"two-sided p-value; a p-value no resample reached is printed as `< 1/(R+1)`. **p Holm**: Holm's "
+             "two-sided p-value 2 (t + 1) / (R + 1), t the resamples on the far side of 0 (Davison and Hinkley's "
+             "add-one rule; `≤ 2/(R+1)` when no resample reached 0, the smallest value R resamples can show). "
+             "**p Holm**: Holm's "
              f"step-down adjustment over the whole family of {len(report.comparisons)} bootstrap p-values: every "
              f"variant against unet and against baseline ({n_pairs} pairs; unet against baseline once) x (macro + "
-             f"{len(report.classes)} classes); `< x` marks an adjusted value bounded through a floored p. "
+             f"{len(report.classes)} classes); `≤ x` marks an adjusted value bounded through a floored p. "
              "**p DeLong**: DeLong's test of the same difference (the macro variance from the per-case structural "
              "components across classes and both models), unadjusted, for comparison.", ""]
     for ref in REFERENCES:
@@ -416,9 +418,12 @@ def _sanity(report: Report) -> list[str]:
         m = report.metrics[v]
         if not _finite(m.get("sanity_generator_passed", math.nan)):
             continue
+        share, n_seeds = m["sanity_generator_passed"], int(m.get("n_seeds") or 1)
+        verdict = "passed" if share >= 1.0 else "**failed**"
+        if n_seeds > 1:
+            verdict += f" ({round(share * n_seeds)}/{n_seeds} seeds passed)"
         rows.append([v, *(_num(m.get(f"sanity_generator_{k}")) for k in SANITY_METRICS),
-                     _num(m.get("sanity_generator_n_images"), 0),
-                     "passed" if m["sanity_generator_passed"] >= 0.5 else "**failed**"])
+                     _num(m.get("sanity_generator_n_images"), 0), verdict])
     if not rows:
         return []
     return ["## Sanity checks of the generator maps (Adebayo et al. 2018; test images)", "",
@@ -440,6 +445,7 @@ def _tuning(report: Report) -> list[str]:
 
     weighted = [v for v in report.variants if parse_variant(v).loss_weights]
     tuned = [v for v in weighted if v in report.tuning]
+    budgets = {v: _trial_count(report.tuning[v]) for v in tuned}
     rows = []
     for v in report.variants:
         t = report.tuning.get(v)
@@ -448,17 +454,22 @@ def _tuning(report: Report) -> list[str]:
             continue
         values = ", ".join(f"{k[5:]} {x:.3g}" for k, x in sorted(t.items()) if k.startswith("best_") and
                            k not in ("best_value", "best_trial") and _finite(x))
-        trials = sum(int(x) for k, x in t.items() if k.startswith("trials_") and k != "trials_retried" and _finite(x))
-        rows.append([v, values or "—", str(trials), _num(t.get("best_value"))])
-    fair = set(tuned) == set(weighted)
+        rows.append([v, values or "—", str(_trial_count(t)), _num(t.get("best_value"))])
+    fair = set(tuned) == set(weighted) and len(set(budgets.values())) <= 1
     note = ("Every variant with loss weights had the same Optuna budget over its own weights: the comparison is "
             "budget-matched." if fair else
             f"**The budgets differ**: {', '.join(tuned) or 'no variant'} had an Optuna study over its loss weights, "
-            f"{', '.join(v for v in weighted if v not in tuned) or 'none'} kept the params.yaml values. A tuned "
+            f"{', '.join(v for v in weighted if v not in tuned) or 'none'} kept the params.yaml values"
+            f"{'' if len(set(budgets.values())) <= 1 else ', and the tuned ones had different trial counts'}. A tuned "
             "variant that wins may win on budget, not method; the `study` profile (README) tunes every variant "
             "alike.")
     return ["## Tuning (validation only; the test split is read once, after every choice)", "", note, "",
             *_table(["variant", "tuned values", "trials", "best val macro AUC (short runs)"], rows), ""]
+
+
+def _trial_count(tuning: dict[str, Any]) -> int:
+    """Trials of a study in any state (a retried trial counts once)."""
+    return sum(int(x) for k, x in tuning.items() if k.startswith("trials_") and k != "trials_retried" and _finite(x))
 
 
 def _shortcut(report: Report) -> list[str]:
@@ -475,7 +486,9 @@ def _shortcut(report: Report) -> list[str]:
                "the test set's marker is random" if _finite(gap) and gap > 0.1 else
                "close to its validation AUC: no sign that it relies on the shortcut")
     return ["## What the champion rule picks", "",
-            f"Promotion uses validation macro AUC (test data stays unseen). The best on validation is **{pick}** "
+            "Promotion uses validation macro AUC (test data stays unseen; the registry compares single models, "
+            "per seed, and may apply the explanation gate). By variant, the best on validation is "
+            f"**{pick}** "
             f"({val:.3f}); its test macro AUC is {_num(test)} (rank {ranks.index(test) + 1 if test in ranks else '?'} "
             f"of {len(ranks)}), {verdict}.", ""]
 
@@ -490,7 +503,11 @@ def _notes(report: Report) -> list[str]:
              "paired differences.",
              f"- Read the Holm-adjusted p-values: with {len(report.comparisons)} comparisons, unadjusted p-values "
              "cross 0.05 by chance about once in twenty when nothing differs. A CI that contains 0 means no detectable "
-             "difference."]
+             "difference.",
+             "- The paired tests resample test cases with the trained models held fixed: they say whether these "
+             "models differ on this population, not whether another training run would. With several seeds the "
+             "models are the seed ensembles, and the seed spread section shows how much single runs vary; a "
+             "difference smaller than that spread is not a property of the method."]
     if _finite(n_test) and n_test < 55:
         lines.append(f"- This test set has {n_test:.0f} cases, fewer than the paper protocol's 55-60 per resample: its "
                      "resamples repeat cases, and its intervals are narrower than the data supports. Read the "

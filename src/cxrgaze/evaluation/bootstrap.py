@@ -25,8 +25,8 @@ percentiles of the resampled AUCs as the interval. :func:`paper_bootstrap` is th
 of Watanabe, Ketabi, Namdar and Khalvati (30 resamples of 55 to 60 cases, 2.5th / 50th /
 97.5th percentiles reported). :func:`paired_auc_bootstrap` compares two models' macro and
 per-class AUCs on the same resamples (:func:`paired_bootstrap`: its macro entry), with a
-two-sided p-value floored at ``1 / (R + 1)`` (:func:`bootstrap_p_value`; print it with
-:func:`format_p`, which writes ``< 0.0005`` rather than ``0.000``).
+two-sided add-one p-value, never below ``2 / (R + 1)`` (:func:`bootstrap_p_value`; print it
+with :func:`format_p`, which writes ``≤ 0.0002`` rather than ``0.000``).
 
 **Macro AUC of a resample** is the mean over the classes that have an AUC in that resample
 (NaN when none has), as :func:`cxrgaze.metrics.auc_summary` does on the full data. Keys of
@@ -429,30 +429,30 @@ def paired_bootstrap(
 
 # --- p-values ------------------------------------------------------------------------
 def p_floor(n_resamples: int) -> float:
-    """``1 / (n_resamples + 1)``: the smallest p-value a bootstrap of that many resamples
-    reports (:func:`bootstrap_p_value`)."""
-    return 1.0 / (n_resamples + 1)
+    """``2 / (n_resamples + 1)``: the smallest two-sided p-value a bootstrap of that many
+    resamples reports (:func:`bootstrap_p_value`)."""
+    return 2.0 / (n_resamples + 1)
 
 
 def bootstrap_p_value(differences: np.ndarray) -> tuple[float, bool]:
     """Two-sided bootstrap p-value of a zero difference, and whether it is at the floor.
 
     ``differences`` (R,) resampled values of a - b, NaN where undefined; with ``R'`` the
-    defined ones, ``p = min(1, 2 * min(#(d <= 0), #(d >= 0)) / R')``: the smallest
-    ``1 - confidence`` at which the percentile interval of ``d`` excludes 0 (Efron and
-    Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 15-16). Identical models give
-    ``d = 0`` everywhere and p = 1. When no resample reached zero the estimate would be 0,
-    which only says p < 1 / (R' + 1); the p-value is then :func:`p_floor` ``(R')`` and the
-    flag True (print it as ``"< ..."`` with :func:`format_p`). (NaN, False) when no
+    defined ones and ``t = min(#(d <= 0), #(d >= 0))`` the smaller tail,
+    ``p = min(1, 2 (t + 1) / (R' + 1))``: twice the one-sided Monte Carlo p-value with the
+    usual add-one correction (Davison and Hinkley, *Bootstrap Methods and their
+    Application*, 1997, eq. 4.11), i.e. about the smallest ``1 - confidence`` at which the
+    percentile interval of ``d`` excludes 0 (Efron and Tibshirani 1993, ch. 15-16), and
+    never 0. Identical models give ``d = 0`` everywhere and p = 1. When no resample reached
+    zero (t = 0) p is :func:`p_floor` ``(R')``, the smallest value R' resamples can show:
+    the flag is True and :func:`format_p` prints ``"≤ ..."``. (NaN, False) when no
     difference is defined."""
     d = np.asarray(differences, dtype=np.float64)
     d = d[~np.isnan(d)]
     if d.size == 0:
         return float("nan"), False
     tail = min(int((d <= 0).sum()), int((d >= 0).sum()))
-    if tail == 0:
-        return p_floor(d.size), True
-    return min(1.0, 2.0 * tail / d.size), False
+    return min(1.0, 2.0 * (tail + 1) / (d.size + 1)), tail == 0
 
 
 ANALYTIC_P_FLOOR = 1e-4
@@ -462,21 +462,23 @@ ANALYTIC_P_FLOOR = 1e-4
 def format_p(p: float, n_resamples: int | None = None, upper_bound: bool = False) -> str:
     """A p-value as text, never ``0.000``.
 
-    With ``n_resamples`` R (a bootstrap p-value), a p at or below ``1 / (R + 1)`` is written
-    ``"< x"``, x being ``1 / (R + 1)`` rounded UP to one significant digit (R = 2000:
-    ``"< 0.0005"``; R = 1000: ``"< 0.001"``), so the text stays a true bound. Without R (an
-    analytic p-value, e.g. DeLong's), p below 1e-4 is ``"< 0.0001"``. Other values get two
-    significant digits (``0.34``, ``0.046``, ``0.0012``; ``1.00``). ``upper_bound`` marks a
-    value known only as a bound (a Holm-adjusted value computed from floored p-values): it
-    is written ``"< x"`` too. NaN or None: ``"n/a"``."""
+    With ``n_resamples`` R (a bootstrap p-value), a p at or below ``2 / (R + 1)`` (no
+    resample reached zero) is written ``"≤ x"``, x being ``2 / (R + 1)`` rounded UP to one
+    significant digit (R = 10000: ``"≤ 0.0002"``; R = 2000: ``"≤ 0.001"``), so the text stays
+    a true bound. Without R (an analytic p-value, e.g. DeLong's), p below 1e-4 is
+    ``"< 0.0001"``. Other values get two significant digits (``0.34``, ``0.046``,
+    ``0.0012``; ``1.00``). ``upper_bound`` marks a value known only as a bound (a
+    Holm-adjusted value computed from floored p-values): it is written ``"≤ x"`` too. NaN or
+    None: ``"n/a"``."""
     if p is None or not math.isfinite(p):
         return "n/a"
-    floor = p_floor(n_resamples) if n_resamples is not None else ANALYTIC_P_FLOOR
-    if p <= floor * (1 + 1e-9):
-        return f"< {_round_up_1sig(floor)}"
+    if n_resamples is not None and p <= p_floor(n_resamples) * (1 + 1e-9):
+        return f"≤ {_round_up_1sig(p_floor(n_resamples))}"
+    if n_resamples is None and p < ANALYTIC_P_FLOOR:
+        return f"< {_round_up_1sig(ANALYTIC_P_FLOOR)}"
     digits = max(2, 1 - math.floor(math.log10(p)))
     text = f"{p:.{digits}f}"
-    return f"< {text}" if upper_bound else text
+    return f"≤ {text}" if upper_bound else text
 
 
 def _round_up_1sig(x: float) -> str:
