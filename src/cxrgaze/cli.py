@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("evaluate", cmd_evaluate, "Evaluate a trained model: AUCs with bootstrap CIs, heatmaps vs gaze, figures; "
             "logged into its MLflow run with the servable model.")
-    p.add_argument("--train-dir", required=True, help="folder written by `cxrgaze train` (best.pt, history.csv, run.json)")
+    p.add_argument("--train-dir", required=True, help="folder of one training run: `cxrgaze train --out`, or a "
+                   "seed folder of the pipeline, e.g. outputs/train/unet/seed0 (best.pt, history.csv, run.json)")
     p.add_argument("--out", required=True, help="output folder (metrics.json, predictions.csv, saliency.csv, figures/)")
     p.add_argument("--prepared", default="outputs/prepared", help="folder written by prepare (default outputs/prepared)")
     p.add_argument("--split", default="outputs/split.csv", help="split table (default outputs/split.csv)")
