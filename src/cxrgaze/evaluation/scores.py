@@ -22,8 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrgaze.predict import SCORING
+
 SPLITS = ("val", "test")
-SCORINGS = ("sigmoid", "softmax")
+SCORINGS = tuple(SCORING.values())
+"""The scoring rules (:mod:`cxrgaze.predict`)."""
 FILENAME = "scores.npz"
 
 

@@ -51,22 +51,16 @@ def generator_maps(
     model's train/eval mode is the caller's; a train-mode forward updates the batch-norm
     running statistics once, as any forward does.
     """
+    if traced_forward is None:
+        return heatmap(attribute(model, images, targets, rule, create_graph=create_graph))
     if rule not in RULES:
         raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+    if not images.requires_grad:
+        raise ValueError("traced_forward: `images` must be the tensor the traced forward ran on, "
+                         "with requires_grad=True")
+    tr, logits = traced_forward
     with torch.enable_grad():
-        if traced_forward is None:
-            x = images if images.requires_grad else images.detach().requires_grad_(True)
-            with trace(model) as tr:
-                logits = class_logits(model, x)
-        else:
-            tr, logits = traced_forward
-            if not images.requires_grad:
-                raise ValueError(
-                    "traced_forward: `images` must be the tensor the traced forward ran on, "
-                    "with requires_grad=True"
-                )
-            x = images
-        return heatmap(tr.attribute(logits, x, targets, rule, create_graph=create_graph))
+        return heatmap(tr.attribute(logits, images, targets, rule, create_graph=create_graph))
 
 
 def attribute(
