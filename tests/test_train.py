@@ -167,19 +167,20 @@ def test_params_resolve_per_variant_overrides():
 
 
 def test_amp_off_survives_yaml_that_lost_its_quotes():
-    """`dvc exp run -S` rewrites params.yaml without quotes, and YAML reads `amp: off` as false."""
+    """The legacy `amp: "off"`: `dvc exp run -S` rewrites params.yaml without quotes, and YAML
+    reads `amp: off` as false; both still mean fp32 (the canonical spelling)."""
     import yaml
 
     params = yaml.safe_load("train:\n  amp: off\n")
     assert params["train"]["amp"] is False
-    assert resolve_run_config(params, "unet").train.amp == "off"
-    with pytest.raises(ValueError, match="train.amp must be 'off' or 'bf16'"):
+    assert resolve_run_config(params, "unet").train.amp == "fp32"
+    with pytest.raises(ValueError, match="train.amp must be 'fp32' or 'bf16'"):
         resolve_run_config(yaml.safe_load("train:\n  amp: on\n"), "unet")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("amp", ["off", "bf16"])
+@pytest.mark.parametrize("amp", ["fp32", "bf16"])
 def test_trains_on_cuda(amp, tiny_prepared, tmp_path):
     prepared, split = tiny_prepared
     result = train(tiny_config("set3-gbp", epochs=1, device="cuda", amp=amp), prepared, split, tmp_path, progress=False)

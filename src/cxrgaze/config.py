@@ -220,9 +220,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:1``..."""
-    amp: str = "off"
-    """``off`` or ``bf16`` (autocast; meant for CUDA). YAML reads an unquoted ``off`` as
-    ``false`` (and ``dvc exp run -S`` rewrites ``"off"`` unquoted): ``false`` means ``off``."""
+    amp: str = "fp32"
+    """``fp32`` (no autocast) or ``bf16`` (bfloat16 autocast; meant for CUDA). Neither
+    spelling changes meaning when ``dvc exp run -S`` rewrites ``params.yaml`` without
+    quotes. The legacy ``off`` (and ``false``, which YAML reads from an unquoted ``off``)
+    still means ``fp32``."""
     augment: bool = False
     """Small random affine on image and gaze together (off, as the reference)."""
     eval_batch_size: int = 64
@@ -238,7 +240,7 @@ class TrainConfig:
             raise ConfigError(f"train.optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
         if self.scheduler not in ("none", "cyclic"):
             raise ConfigError(f"train.scheduler must be 'none' or 'cyclic', got {self.scheduler!r}")
-        if self.amp is False:
-            object.__setattr__(self, "amp", "off")
-        if self.amp not in ("off", "bf16"):
-            raise ConfigError(f"train.amp must be 'off' or 'bf16', got {self.amp!r}")
+        if self.amp is False or self.amp == "off":  # legacy spellings of fp32
+            object.__setattr__(self, "amp", "fp32")
+        if self.amp not in ("fp32", "bf16"):
+            raise ConfigError(f"train.amp must be 'fp32' or 'bf16', got {self.amp!r}")
