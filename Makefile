@@ -45,4 +45,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_step.py
 
 clean-outputs:
-	rm -rf outputs reports
+	rm -rf outputs

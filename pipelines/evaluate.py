@@ -3,12 +3,15 @@ calibration, figures and the servable model of every seed of one variant, each l
 into its seed's MLflow run; then the variant's summary over seeds.
 
 Usage (from dvc.yaml):
-  python pipelines/evaluate.py VARIANT PREPARED_DIR SPLIT_CSV TRAIN_DIR OUT_DIR FIGURES_DIR METRICS_JSON
+  python pipelines/evaluate.py VARIANT PREPARED_DIR SPLIT_CSV TRAIN_DIR OUT_DIR FIGURES_DIR
 Reads params.yaml: evaluate. For each TRAIN_DIR/seed<S>/: OUT_DIR/seed<S>/ gets metrics.json,
-scores.npz (full-precision logits and scores), predictions.csv, saliency.csv and run.json
-(the run id and the logged model's URI, for `register`); FIGURES_DIR/seed<S>/ the PNG
-figures (`dvc plots show`). OUT_DIR/metrics.json (also METRICS_JSON) and OUT_DIR/scores.npz
-combine the seeds (:func:`cxrgaze.evaluate.combine_seeds`).
+scores.npz (full-precision logits and scores), predictions.csv, saliency.csv and
+sanity.json; FIGURES_DIR/seed<S>/ the PNG figures (`dvc plots show`). OUT_DIR/metrics.json
+and OUT_DIR/scores.npz combine the seeds (:func:`cxrgaze.evaluate.combine_seeds`); the
+`report` stage puts the headline numbers of every variant into metrics/headline.json, and
+`dvc metrics show outputs/eval/<variant>/metrics.json` shows all of one variant's.
+The MLflow run that holds an evaluation (and its model) is tagged with the SHA-256 of its
+metrics.json: `report` and `register` find it by that (:func:`cxrgaze.experiment.evaluation_run`).
 """
 
 import shutil
@@ -24,7 +27,7 @@ def main() -> None:
     from cxrgaze.evaluate import EvalConfig, combine_seeds
     from cxrgaze.experiment import evaluate_tracked, seed_runs
 
-    variant, prepared, split_csv, train_dir, out_dir, figures_dir, metrics_json = sys.argv[1:8]
+    variant, prepared, split_csv, train_dir, out_dir, figures_dir = sys.argv[1:7]
     config = from_mapping(EvalConfig, load_params(PARAMS).get("evaluate"), where=f"{PARAMS}: evaluate")
     out = Path(out_dir)
     if out.exists():
@@ -39,8 +42,6 @@ def main() -> None:
               f"[{m.get('test_auc_macro_ci95_low', float('nan')):.3f}, {m.get('test_auc_macro_ci95_high', float('nan')):.3f}]"
               f", MLflow run {run_id}, model {model_uri}")
     combine_seeds(variant, seeds, out, config)
-    Path(metrics_json).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(out / "metrics.json", metrics_json)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """DVC stage `split`: patient-level train/val/test split of the prepared manifest.
 
-Usage (from dvc.yaml): python pipelines/split.py PREPARED_DIR OUT_CSV
-Reads params.yaml: split. Also writes OUT_CSV's .json twin (counts, a DVC metric).
+Usage (from dvc.yaml): python pipelines/split.py PREPARED_DIR OUT_CSV COUNTS_JSON
+Reads params.yaml: split. COUNTS_JSON gets the images per split and class (a DVC metric,
+committed to git).
 """
 
 import sys
@@ -15,8 +16,9 @@ def main() -> None:
     from cxrgaze.config import SplitConfig, load_section
     from cxrgaze.data.split import write_split
 
-    prepared, out_csv = sys.argv[1:3]
-    counts = write_split(Path(prepared) / "manifest.csv", Path(out_csv), load_section(SplitConfig, "split", PARAMS))
+    prepared, out_csv, counts_json = sys.argv[1:4]
+    counts = write_split(Path(prepared) / "manifest.csv", Path(out_csv), load_section(SplitConfig, "split", PARAMS),
+                         counts_json=counts_json)
     print(counts.to_string())
 
 

@@ -1,22 +1,26 @@
-"""DVC stage `train@<variant>`: train one variant once per seed, keep its checkpoints.
+"""DVC stage `train@<variant>`: train one variant once per seed, keep its best checkpoints.
 
 Usage (from dvc.yaml):
-  python pipelines/train.py VARIANT PREPARED_DIR SPLIT_CSV TUNED_YAML OUT_DIR METRICS_JSON
+  python pipelines/train.py VARIANT PREPARED_DIR SPLIT_CSV TUNED_YAML OUT_DIR HISTORY_CSV RESUME_DIR
 Reads params.yaml: model, loss, train (``train.seeds``: one run per seed), variants;
 TUNED_YAML (the `tune` stage's output) may override them for VARIANT (tuned loss weights).
 
-Each seed is its own run in OUT_DIR/seed<S>/ and its own MLflow run (experiment `cxrgaze`,
-run name = variant, param train.seed); OUT_DIR/seed<S>/run.json carries its id to the later
-stages. METRICS_JSON holds the mean of the seeds' best validation metrics and each
-seed's (``seed<S>.*``); METRICS_JSON with .history.csv the per-epoch curves of every seed
-(column ``seed``).
+Each seed is its own MLflow run (experiment `cxrgaze`, run name = variant, param
+train.seed, tagged with the SHA-256 of its ``best.pt``: `evaluate` finds it by that) and
+ends as OUT_DIR/seed<S>/ with ``best.pt``, ``history.csv`` and ``metrics.json``: files that
+depend only on the inputs, so the same params and data give the same ``dvc.lock``
+anywhere and DVC's run cache can restore the stage. HISTORY_CSV (a DVC plot, committed to
+git) has every seed's per-epoch curves (column ``seed``).
 
-OUT_DIR is a persistent DVC output so that a killed `dvc repro` resumes the unfinished run
-from its last epoch. A finished run (metrics.json present), one written with another
-config, or the folder of a seed no longer listed is discarded first: DVC reruns a stage
-only when something it depends on changed, so such leftovers are stale.
+Resuming lives outside the stage's output: a seed trains in RESUME_DIR/seed<S>/ (with
+``last.pt`` written every epoch and ``run.json``, the MLflow run to continue), which is
+not a DVC output, so `dvc repro` after a kill resumes the unfinished seed from its last
+epoch and keeps the seeds that had finished. Resume state is used only when it was
+written for the same inputs (:func:`fingerprint`: config, data, split and code);
+anything else is discarded. When every seed is done, RESUME_DIR is removed.
 """
 
+import hashlib
 import json
 import shutil
 import sys
@@ -27,30 +31,40 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PARAMS, run_stage  # noqa: E402
 
+DELIVERED = ("best.pt", "history.csv", "metrics.json")
+"""What a finished seed leaves in OUT_DIR/seed<S>/."""
+FINGERPRINT = "fingerprint.txt"
 
-def seed_dir(out: Path, seed: int) -> Path:
-    return out / f"seed{seed}"
+
+def fingerprint(config_dict: dict, prepared: Path, split_csv: Path) -> str:
+    """What the resume state of one seed must have been written for: the run config, the
+    prepared data, the split and the cxrgaze code (a killed stage rerun after any of them
+    changed must start over, as DVC would)."""
+    import cxrgaze
+
+    digest = hashlib.sha256(json.dumps(config_dict, sort_keys=True).encode())
+    package = Path(cxrgaze.__file__).resolve().parent
+    for path in [prepared / "manifest.csv", prepared / "meta.json", split_csv, *sorted(package.rglob("*.py"))]:
+        digest.update(str(path.relative_to(package) if path.is_relative_to(package) else path.name).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
-def clear_stale(out: Path, config_dict: dict) -> None:
-    """Remove a finished run, or an interrupted one with another config, from ``out``."""
-    from cxrgaze.train import load_checkpoint
-
-    last = out / "last.pt"
-    if (out / "metrics.json").exists():
-        print(f"{out}: discarding a finished earlier run")
-        shutil.rmtree(out)
-    elif last.exists():
-        try:
-            same = load_checkpoint(last)["config"] == config_dict
-        except ValueError as exc:
-            print(f"{exc}; starting over")
-            same = False
-        if same:
-            print(f"{out}: resuming an interrupted run from {last}")
-        else:
-            print(f"{out}: discarding an interrupted run with another config")
-            shutil.rmtree(out)
+def resume_state(folder: Path, expected: str) -> bool:
+    """Keep ``folder`` when it was written for ``expected``; remove it otherwise.
+    Returns whether it holds a finished seed."""
+    stamp = folder / FINGERPRINT
+    if folder.exists() and (not stamp.exists() or stamp.read_text().strip() != expected):
+        print(f"{folder}: resume state of other inputs; discarded")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(expected + "\n")
+    finished = all((folder / name).exists() for name in DELIVERED)
+    if finished:
+        print(f"{folder}: finished before the stage was interrupted; kept")
+    elif (folder / "last.pt").exists():
+        print(f"{folder}: resuming an interrupted run from last.pt")
+    return finished
 
 
 def main() -> None:
@@ -59,33 +73,32 @@ def main() -> None:
     from cxrgaze.train import resolve_run_config, run_seeds
     from cxrgaze.tune import load_tuned, merge_overrides
 
-    variant, prepared, split_csv, tuned, out_dir, metrics_json = sys.argv[1:7]
-    out = Path(out_dir)
+    variant, prepared, split_csv, tuned, out_dir, history_csv, resume_dir = sys.argv[1:8]
+    out, resume = Path(out_dir), Path(resume_dir)
     params = merge_overrides(load_params(PARAMS), load_tuned(tuned, variant), variant)
     where = f"{PARAMS} + {tuned}"
     seeds = run_seeds(params, where)
-    wanted = {seed_dir(out, s) for s in seeds}
-    for stale in (p for p in out.iterdir() if p.is_dir() and p not in wanted) if out.is_dir() else ():
-        print(f"{stale}: not a seed of train.seeds; removed")
-        shutil.rmtree(stale)
-    for leftover in (p for p in out.iterdir() if p.is_file()) if out.is_dir() else ():
-        leftover.unlink()  # a run from before train.seeds (checkpoints directly in OUT_DIR)
-    per_seed: dict[str, dict] = {}
+    for stale in (p for p in resume.iterdir() if p.name not in {f"seed{s}" for s in seeds}) if resume.is_dir() else ():
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    if out.exists():
+        shutil.rmtree(out)  # DVC removes it too; a plain `python pipelines/train.py` must not mix runs
     histories = []
     for seed in seeds:
         config = resolve_run_config(params, variant, where=where, seed=seed)
-        folder = seed_dir(out, seed)
-        clear_stale(folder, config.as_dict())
-        result, run_id = train_tracked(config, prepared, split_csv, folder)
-        per_seed[f"seed{seed}"] = json.loads((folder / "metrics.json").read_text())
-        histories.append(pd.read_csv(folder / "history.csv").assign(seed=seed))
-        print(f"{variant} seed {seed}: best epoch {result.best_epoch + 1}, val macro AUC "
-              f"{result.best.get('val_auc_macro', float('nan')):.4f}, MLflow run {run_id}")
-    numeric = pd.DataFrame(per_seed.values()).select_dtypes("number")
-    summary = {"variant": variant, "n_seeds": len(seeds), **numeric.mean().round(6).to_dict(), **per_seed}
-    Path(metrics_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(metrics_json).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    pd.concat(histories).to_csv(Path(metrics_json).with_suffix(".history.csv"), index=False, lineterminator="\n")
+        state = resume / f"seed{seed}"
+        if not resume_state(state, fingerprint(config.as_dict(), Path(prepared), Path(split_csv))):
+            result, run_id = train_tracked(config, prepared, split_csv, state)
+            print(f"{variant} seed {seed}: best epoch {result.best_epoch + 1}, val macro AUC "
+                  f"{result.best.get('val_auc_macro', float('nan')):.4f}, MLflow run {run_id}")
+        (out / f"seed{seed}").mkdir(parents=True)
+        for name in DELIVERED:
+            shutil.copyfile(state / name, out / f"seed{seed}" / name)
+        histories.append(pd.read_csv(state / "history.csv").assign(seed=seed))
+    Path(history_csv).parent.mkdir(parents=True, exist_ok=True)
+    pd.concat(histories).to_csv(history_csv, index=False, lineterminator="\n")
+    shutil.rmtree(resume)
+    if resume.parent.is_dir() and not any(resume.parent.iterdir()):
+        resume.parent.rmdir()
 
 
 if __name__ == "__main__":

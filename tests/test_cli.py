@@ -61,7 +61,7 @@ def test_register_without_evaluations_is_one_line(tmp_path, capsys):
     code = main(["register", "--eval-root", str(tmp_path / "eval"), "--variants", "unet"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "run.json" in err[0]
+    assert len(err) == 1 and "eval/unet" in err[0] and "did the stage run" in err[0]
 
 
 def test_train_seed_flag_replaces_the_seeds_list(tiny_prepared, tmp_path, capsys):

@@ -99,6 +99,49 @@ def test_training_and_evaluation_land_in_one_run(tiny_prepared, mlflow_store, tm
     assert val_auc_of_model(model_uri, prepared, split, dicom_dir) == pytest.approx(m["val_auc_macro"], abs=1e-4)
 
 
+def test_a_second_evaluation_or_another_experiment_gets_a_run_of_its_own(tiny_prepared, mlflow_store, tmp_path,
+                                                                         monkeypatch):
+    """Evaluation appends to the training run once, and only within its revision and DVC
+    experiment; the runs are found again by what they produced, not by ids in the outputs."""
+    from cxrgaze.experiment import evaluation_run
+    from cxrgaze.tracking import file_digest
+
+    prepared, split = tiny_prepared
+    train_dir = tmp_path / "train"
+    _, train_run = train_tracked(resolve_run_config(FAST, "unet"), prepared, split, train_dir, progress=False)
+    (train_dir / "run.json").unlink()  # as in the pipeline: the run is found by the checkpoint's hash
+    client = MlflowClient()
+    assert client.get_run(train_run).data.tags["cxrgaze.checkpoint_sha256"] == file_digest(train_dir / "best.pt")
+
+    # Under another DVC experiment than the training's: a run of its own, though the
+    # training run is not evaluated yet.
+    monkeypatch.setenv("DVC_EXP_NAME", "fewer-resamples")  # what `dvc exp run` sets
+    other = evaluate_tracked(train_dir, prepared, split, tmp_path / "eval0", EvalConfig(n_resamples=100),
+                             progress=False)[1]
+    assert other != train_run
+    own = client.get_run(other)
+    assert own.info.run_name == "unet" and own.data.tags["cxrgaze.trained_in_run"] == train_run
+    assert own.data.tags["cxrgaze.dvc_experiment"] == "fewer-resamples"
+    assert own.data.params["evaluate.n_resamples"] == "100" and own.data.params["model.encoder"] == "tu-tinynet_e"
+    assert [m.step for m in client.get_metric_history(other, "epoch_val_auc_macro")] == [0, 1]  # curves copied
+    assert evaluation_run(tmp_path / "eval0")[:2] == (other, own.data.tags["cxrgaze.model_uri"])
+    monkeypatch.delenv("DVC_EXP_NAME")
+
+    # The training's own revision and experiment: appended to the training run, once.
+    first = evaluate_tracked(train_dir, prepared, split, tmp_path / "eval1", EvalConfig(n_resamples=200),
+                             progress=False)[1]
+    assert first == train_run
+    trained = client.get_run(train_run)
+    assert trained.data.params["evaluate.n_resamples"] == "200" and "cxrgaze.dvc_experiment" not in trained.data.tags
+    again = evaluate_tracked(train_dir, prepared, split, tmp_path / "eval2", EvalConfig(n_resamples=150),
+                             progress=False)[1]
+    assert again not in (train_run, other)
+    assert client.get_run(again).data.tags["cxrgaze.trained_in_run"] == train_run
+    assert client.get_run(train_run).data.params["evaluate.n_resamples"] == "200", "the training run keeps its evaluation"
+    assert evaluation_run(tmp_path / "eval2")[0] == again
+    assert evaluation_run(tmp_path / "eval0")[2] is False, "eval0's run is of another DVC experiment"
+
+
 def test_a_failing_run_ends_failed(tiny_prepared, mlflow_store, tmp_path):
     prepared, split = tiny_prepared
     with pytest.raises(RuntimeError, match="stopped after epoch 0"):

@@ -144,7 +144,8 @@ def cmd_register(args: argparse.Namespace) -> None:
     if args.min_delta is not None:
         register["min_delta"] = args.min_delta
     decision = register_evaluated(args.eval_root, variants, args.prepared, args.split, args.dicom_dir, register,
-                                  where=f"{args.params}: register" if args.params else "register")
+                                  where=f"{args.params}: register" if args.params else "register",
+                                  train_root=args.train_root)
     print(f"registered: {decision.versions}; champion: v{decision.champion_version}; {decision.reason}")
     for variant, why in decision.skipped.items():
         print(f"not registered: {variant}: {why}")
@@ -281,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports", help="output folder (results.md, results.json, paired.csv)")
     p.add_argument("--params", default=None, help="params.yaml: variant order and evaluate settings")
     p.add_argument("--variants", nargs="+", default=None, help="variants to include (default: all evaluated)")
-    p.add_argument("--tune-json", default="outputs/metrics/tune.json",
-                   help="the tune stage's metrics: which variants were tuned (default outputs/metrics/tune.json)")
+    p.add_argument("--tune-json", default="metrics/tune.json",
+                   help="the tune stage's metrics: which variants were tuned (default metrics/tune.json)")
 
     p = add("register", cmd_register, "Register evaluated models in the MLflow registry; move `champion` by validation AUC.")
     p.add_argument("--eval-root", default="outputs/eval", help="folder with one evaluate output per variant")
@@ -292,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default=None, help="params.yaml: register section and variant list")
     p.add_argument("--variants", nargs="+", default=None)
     p.add_argument("--min-delta", type=float, default=None, help="validation AUC gain needed to move the champion")
+    p.add_argument("--train-root", default=None,
+                   help="checkpoints (e.g. outputs/train): log evaluations that no MLflow run holds (restored by DVC)")
 
     p = add("predict", cmd_predict, "Diagnose image files (DICOM, PNG, JPEG) with the served model, offline: "
             "a JSON line per file and an overlay PNG per file.")

@@ -1,18 +1,25 @@
 """Tracked steps: training and evaluation as MLflow runs.
 
 The library's :func:`cxrgaze.train.train` and :func:`cxrgaze.evaluate.evaluate` know
-nothing of MLflow; the CLI and the DVC stages call these wrappers, which open (or
-re-open) the variant's run, log into it and leave its id in the output folder's
-``run.json``:
+nothing of MLflow; the CLI and the DVC stages call these wrappers:
 
 * :func:`train_tracked` opens run ``<variant>`` in experiment ``cxrgaze`` with the resolved
-  config as params and the tags of :func:`cxrgaze.tracking.run_tags`, logs every epoch,
-  and ends the run FINISHED, or FAILED when training raises. An interrupted run that
-  resumes from ``last.pt`` continues the same MLflow run.
-* :func:`evaluate_tracked` re-opens that run by id, logs the test/val metrics with CIs,
-  the heatmap-vs-gaze scores, the figures and the servable model (an MLflow pyfunc with
-  its own preprocessing), then tags the run ``cxrgaze.evaluated=true``: the registry only
-  considers runs so tagged.
+  config as params and the tags of :func:`cxrgaze.tracking.run_tags` (git revision, DVC
+  experiment, data version), logs every epoch, tags the run with the SHA-256 of its
+  ``best.pt`` (:data:`~cxrgaze.tracking.CHECKPOINT_TAG`) and ends it FINISHED, or FAILED
+  when training raises. ``run.json`` beside ``last.pt`` keeps the id, so an interrupted run
+  that resumes continues the same MLflow run.
+* :func:`evaluate_tracked` finds the run that trained the checkpoint by that tag and logs
+  the evaluation into it (params ``evaluate.*``, test/val metrics with CIs, heatmap-vs-gaze
+  scores, figures, the servable model), then tags it ``cxrgaze.evaluated=true`` (the
+  registry only considers runs so tagged) and with the SHA-256 of the evaluation's
+  ``metrics.json`` (:data:`~cxrgaze.tracking.EVALUATION_TAG`). It appends only to a run
+  that is not yet evaluated and belongs to the same git revision and DVC experiment; any
+  other evaluation (``dvc exp run -S evaluate.n_resamples=500`` on restored checkpoints, a
+  pulled checkpoint, a deleted ``mlflow.db``) gets a run of its own, with the training
+  params and curves copied and ``cxrgaze.trained_in_run`` naming the training run.
+* :func:`evaluation_run` finds an evaluation's run again from its output folder: the
+  ``report`` and ``register`` stages use it, so no stage output holds a run id.
 """
 
 from __future__ import annotations
@@ -29,11 +36,14 @@ from cxrgaze.config import DataConfig, from_mapping
 from cxrgaze.evaluate import EvalConfig, EvalResult, evaluate
 from cxrgaze.report import Report
 from cxrgaze.runtime import resolve_device
-from cxrgaze.tracking import (EpochLogger, RUN_FILE, TrackingGuard, finite_metrics, flatten, read_run_file, resumed_run,
-                              run_exists, run_tags, set_experiment, write_run_file)
+from cxrgaze.tracking import (CHECKPOINT_TAG, EVALUATION_TAG, RUN_FILE, EpochLogger, TrackingError, TrackingGuard,
+                              file_digest, find_runs, finite_metrics, flatten, read_run_file, resumed_run, run_exists,
+                              run_tags, same_context, set_experiment, write_run_file)
 from cxrgaze.train import RunConfig, TrainResult, load_checkpoint, train
 
 EVALUATED_TAG = "cxrgaze.evaluated"
+TRAINED_IN_TAG = "cxrgaze.trained_in_run"
+"""Tag of an evaluation run that is not its checkpoint's training run: that run's id."""
 EPOCH_PREFIX = "epoch_"
 """Per-epoch metrics are ``epoch_val_auc_macro``, ``epoch_train_loss``...: the evaluation's
 ``val_auc_macro`` (of the kept checkpoint) must not be mistaken for the last epoch's."""
@@ -95,6 +105,8 @@ def train_tracked(
     guard.call("final metrics", mlflow.log_metrics,
                {**{f"best_{k}": v for k, v in finite_metrics(result.best).items()}, "best_epoch": result.best_epoch})
     guard.call("history.csv", mlflow.log_artifact, str(out_dir / "history.csv"))
+    guard.call("checkpoint tag", mlflow.set_tags, {CHECKPOINT_TAG: file_digest(out_dir / "best.pt"),
+                                                   "cxrgaze.kind": "train"})
     _end_run(guard, "FINISHED")
     if guard.lost is not None:
         write_run_file(out_dir, tracking_lost=guard.lost)
@@ -141,44 +153,84 @@ def evaluate_tracked(
     figures_dir: str | Path | None = None,
     progress: bool = True,
 ) -> tuple[EvalResult, str, str]:
-    """Evaluate the best checkpoint of ``train_dir`` into its MLflow run and log the servable
-    model. Returns the result, the run id and the logged model's URI (all also in
-    ``out_dir/run.json``).
-
-    When the run named by ``train_dir/run.json`` is not in the tracking store (mlflow.db
-    deleted, another tracking URI), a replacement run with the checkpoint's config and the
-    training history is opened instead, and said so.
+    """Evaluate the best checkpoint of ``train_dir`` and log it, with the servable model,
+    into the run that trained it (or a run of its own, see the module docstring). Returns
+    the result, the run id and the logged model's URI. ``out_dir`` gets only the
+    evaluation's files: the run is found again with :func:`evaluation_run`.
     """
+    from dataclasses import asdict
+
     train_dir, out_dir, prepared_dir = Path(train_dir), Path(out_dir), Path(prepared_dir)
+    config = config or EvalConfig()
     set_experiment()
     run_id = _run_for(train_dir, prepared_dir)
     result = evaluate(train_dir / "best.pt", prepared_dir, split_csv, out_dir, config,
                       history_csv=train_dir / "history.csv", figures_dir=figures_dir, progress=progress)
+    model_uri = _log_evaluation(run_id, train_dir, out_dir, list(result.figures.values()), prepared_dir,
+                                params=flatten({"evaluate": asdict(config)}))
+    return result, run_id, model_uri
+
+
+def _log_evaluation(run_id: str, train_dir: Path, out_dir: Path, figures: list[Path], prepared_dir: Path,
+                    params: dict[str, str] | None = None) -> str:
+    """Log an evaluation's files (``out_dir``), figures and servable model into ``run_id``
+    and tag it evaluated; returns the model's URI."""
     from cxrgaze.serving.log import log_model
 
+    metrics = json.loads((out_dir / "metrics.json").read_text())
     with resumed_run(run_id):
-        mlflow.log_metrics(finite_metrics(result.metrics))
-        for figure in result.figures.values():
+        if params:
+            mlflow.log_params(params)
+        mlflow.log_metrics(finite_metrics(metrics))
+        for figure in figures:
             mlflow.log_artifact(str(figure), "figures")
         for name in ("metrics.json", "scores.npz", "predictions.csv", "saliency.csv", "sanity.json"):
             mlflow.log_artifact(str(out_dir / name), "evaluation")
         info = log_model(train_dir / "best.pt", prepared_data_config(prepared_dir))
-        mlflow.set_tags({EVALUATED_TAG: "true", "cxrgaze.model_uri": info.model_uri})
-    write_run_file(out_dir, run_id=run_id, model_uri=info.model_uri, variant=result.variant)
-    return result, run_id, info.model_uri
+        mlflow.set_tags({EVALUATED_TAG: "true", "cxrgaze.model_uri": info.model_uri,
+                         EVALUATION_TAG: file_digest(out_dir / "metrics.json")})
+    return info.model_uri
+
+
+def log_restored_evaluation(train_dir: str | Path, eval_dir: str | Path, figures_dir: str | Path,
+                            prepared_dir: str | Path) -> tuple[str, str]:
+    """Log an evaluation that DVC restored (``dvc pull``, the run cache) but no run of this
+    tracking store holds: its files, figures and model go into a run found or opened as by
+    :func:`evaluate_tracked`, without evaluating again. Returns ``(run_id, model_uri)``."""
+    train_dir, eval_dir, prepared_dir = Path(train_dir), Path(eval_dir), Path(prepared_dir)
+    set_experiment()
+    run_id = _run_for(train_dir, prepared_dir)
+    figures = sorted(Path(figures_dir).glob("*.png")) if Path(figures_dir).is_dir() else []
+    print(f"{eval_dir}: restored by DVC, logged by no run in {mlflow.get_tracking_uri()}: logging it into run {run_id}")
+    with resumed_run(run_id):
+        mlflow.set_tag("cxrgaze.restored_evaluation", "true")
+    return run_id, _log_evaluation(run_id, train_dir, eval_dir, figures, prepared_dir)
 
 
 def _run_for(train_dir: Path, prepared_dir: Path) -> str:
-    """The run id of ``train_dir``, or a new replacement run when the store lacks it."""
-    run_id = read_run_file(train_dir)["run_id"]
-    if run_exists(run_id):
-        return run_id
+    """The run to log an evaluation of ``train_dir/best.pt`` into: its training run when
+    that run is not yet evaluated and belongs to this revision and DVC experiment, else a
+    new run with the checkpoint's config and curves."""
+    checkpoint = file_digest(train_dir / "best.pt")
+    candidates = [read_run_file(train_dir)["run_id"]] if (train_dir / RUN_FILE).exists() else []
+    candidates += [run.info.run_id for run in find_runs({CHECKPOINT_TAG: checkpoint})]
+    client = mlflow.tracking.MlflowClient()
+    trained_in = None
+    for run_id in dict.fromkeys(candidates):
+        if not run_exists(run_id):
+            continue
+        tags = client.get_run(run_id).data.tags
+        trained_in = trained_in or (run_id if tags.get(TRAINED_IN_TAG) is None else tags[TRAINED_IN_TAG])
+        if tags.get(EVALUATED_TAG) != "true" and same_context(tags):
+            return run_id
     ckpt = load_checkpoint(train_dir / "best.pt")
     variant = ckpt["config"]["train"]["variant"]
-    print(f"MLflow run {run_id} of {train_dir} is not in {mlflow.get_tracking_uri()}: "
-          f"logging into a new run for {variant} (training metrics replayed from history.csv)")
+    why = (f"its training run {trained_in} is already evaluated or belongs to another revision or DVC experiment"
+           if trained_in else f"no run in {mlflow.get_tracking_uri()} trained it")
+    print(f"{train_dir / 'best.pt'}: {why}; the evaluation gets a run of its own (training params and curves copied)")
     with mlflow.start_run(run_name=variant) as run:
-        mlflow.set_tags({**run_tags(variant, "unknown"), "cxrgaze.replaces_run": run_id})
+        mlflow.set_tags({**run_tags(variant, "unknown"), CHECKPOINT_TAG: checkpoint, "cxrgaze.kind": "evaluation",
+                         **({TRAINED_IN_TAG: trained_in} if trained_in else {})})
         mlflow.log_params(flatten(ckpt["config"]))
         mlflow.log_params(flatten({"data": _data_params(prepared_dir)}))
         history = train_dir / "history.csv"
@@ -189,21 +241,37 @@ def _run_for(train_dir: Path, prepared_dir: Path) -> str:
         return run.info.run_id
 
 
+def evaluation_run(eval_dir: str | Path) -> tuple[str, str, bool] | None:
+    """``(run_id, model_uri, same_context)`` of the newest run that logged the evaluation in
+    ``eval_dir`` (preferring this revision's and DVC experiment's), or None when the
+    tracking store holds none (outputs restored by DVC into another store)."""
+    metrics = Path(eval_dir) / "metrics.json"
+    if not metrics.exists():
+        raise FileNotFoundError(f"{metrics}: missing (did the evaluate stage run?)")
+    runs = find_runs({EVALUATION_TAG: file_digest(metrics), EVALUATED_TAG: "true"})
+    if not runs:
+        return None
+    run = next((r for r in runs if same_context(r.data.tags)), runs[0])
+    return run.info.run_id, run.data.tags["cxrgaze.model_uri"], same_context(run.data.tags)
+
+
 def seed_runs(folder: str | Path) -> list[tuple[int | None, Path]]:
     """The per-seed output folders of a variant (``folder/seed<S>/``, by seed), or
-    ``[(None, folder)]`` for a folder that holds one run itself (``cxrgaze train --out``)."""
+    ``[(None, folder)]`` for a folder that holds one run itself (``cxrgaze train --out``:
+    ``best.pt``; ``cxrgaze evaluate --out``: ``metrics.json``)."""
     folder = Path(folder)
-    if (folder / RUN_FILE).exists():
-        return [(None, folder)]
     found = [(int(p.name[4:]), p) for p in folder.glob("seed*") if p.is_dir() and p.name[4:].isdigit()]
-    if not found:
-        raise FileNotFoundError(f"{folder}: no {RUN_FILE} and no seed<S>/ folders (did the stage run?)")
-    return sorted(found)
+    if found:
+        return sorted(found)
+    if (folder / "best.pt").exists() or (folder / "metrics.json").exists():
+        return [(None, folder)]
+    raise FileNotFoundError(f"{folder}: no best.pt, metrics.json or seed<S>/ folders (did the stage run?)")
 
 
-def log_report(report: Report, eval_root: str | Path, paths: dict[str, Path]) -> str:
-    """Log the paired differences into every variant's run, and the report files into a
-    run named ``report``; returns that run's id."""
+def log_report(report: Report, eval_root: str | Path, paths: dict[str, Path], params: dict | None = None) -> str:
+    """Log the paired differences into every variant's evaluation run of this revision and
+    DVC experiment, and the report files and ``params`` (the report's settings) into a run
+    named ``report``; returns that run's id."""
     set_experiment()
     for variant, refs in report.paired.items():
         runs = seed_runs(Path(eval_root) / variant)
@@ -211,11 +279,12 @@ def log_report(report: Report, eval_root: str | Path, paths: dict[str, Path]) ->
             print(f"report: {variant} has {len(runs)} seeds; its paired differences are in the report run only")
             continue
         for _, folder in runs:
-            run_id = read_run_file(folder)["run_id"]
-            if not run_exists(run_id):
-                print(f"report: MLflow run {run_id} of {variant} is not in {mlflow.get_tracking_uri()}; not logged there")
+            found = evaluation_run(folder)
+            if found is None or not found[2]:
+                print(f"report: no run of this revision and DVC experiment in {mlflow.get_tracking_uri()} holds the "
+                      f"evaluation of {variant}; its paired differences are in the report run only")
                 continue
-            with resumed_run(run_id):
+            with resumed_run(found[0]):
                 for ref, p in refs.items():
                     mlflow.log_metrics(finite_metrics({f"test_auc_macro_diff_vs_{ref}": p["difference"],
                                                        f"test_auc_macro_diff_vs_{ref}_ci95_low": p["low"],
@@ -223,6 +292,8 @@ def log_report(report: Report, eval_root: str | Path, paths: dict[str, Path]) ->
                                                        f"test_auc_macro_diff_vs_{ref}_p_value": p["p_value"]}))
     with mlflow.start_run(run_name="report") as run:
         mlflow.set_tags({**run_tags(None, None), "cxrgaze.kind": "report"})
+        if params:
+            mlflow.log_params(flatten(params))
         mlflow.log_metrics(finite_metrics({f"{variant}.test_auc_macro_diff_vs_{ref}": p["difference"]
                                            for variant, refs in report.paired.items() for ref, p in refs.items()}))
         for path in paths.values():
@@ -231,10 +302,15 @@ def log_report(report: Report, eval_root: str | Path, paths: dict[str, Path]) ->
 
 
 def register_evaluated(eval_root: str | Path, variants: list[str], prepared_dir: str | Path, split_csv: str | Path,
-                       dicom_dir: str | Path, mapping: dict | None = None, where: str = "register"):
+                       dicom_dir: str | Path, mapping: dict | None = None, where: str = "register",
+                       train_root: str | Path | None = None, figures_root: str | Path | None = None):
     """Register the evaluated model of every variant and decide the champion
     (:func:`cxrgaze.registry.register_and_promote`), re-evaluating an old champion on the
-    current validation cases through its served preprocessing when the data changed."""
+    current validation cases through its served preprocessing when the data changed.
+
+    An evaluation that no run of the tracking store holds (restored by ``dvc pull`` or the
+    run cache) is logged first from its files (:func:`log_restored_evaluation`) when
+    ``train_root`` (the checkpoints) is given; without it, that is an error."""
     import hashlib
 
     from cxrgaze.registry import Candidate, RegisterConfig, register_and_promote, val_auc_of_model, validation_set_id
@@ -245,10 +321,17 @@ def register_evaluated(eval_root: str | Path, variants: list[str], prepared_dir:
     for variant in variants:
         runs = seed_runs(Path(eval_root) / variant)
         for seed, folder in runs:
-            info = read_run_file(folder)
-            if not info.get("model_uri"):
-                raise ValueError(f"{folder / RUN_FILE}: no model_uri (evaluate did not finish)")
-            candidates.append(Candidate(variant, info["run_id"], info["model_uri"], seed if len(runs) > 1 else None))
+            found = evaluation_run(folder)
+            if found is None and train_root is None:
+                raise TrackingError(f"{folder}: no run in {mlflow.get_tracking_uri()} logged this evaluation "
+                                    f"(outputs restored by DVC for another tracking store?); run "
+                                    f"`dvc repro -f evaluate@{variant}` to evaluate and log it here")
+            if found is None:
+                sub = [folder.name] if seed is not None else []
+                found = log_restored_evaluation(Path(train_root, variant, *sub), folder,
+                                                Path(figures_root or Path(eval_root).parent / "figures", variant, *sub),
+                                                prepared_dir)
+            candidates.append(Candidate(variant, found[0], found[1], seed if len(runs) > 1 else None))
     split = pd.read_csv(split_csv, dtype=str)
     val_set = validation_set_id(split.loc[split["split"] == "val", "dicom_id"].tolist())
     version = data_version() or hashlib.sha1((Path(prepared_dir) / "manifest.csv").read_bytes()).hexdigest()

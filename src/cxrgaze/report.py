@@ -18,8 +18,9 @@ and ``scores.npz`` (full-precision test scores, :mod:`cxrgaze.evaluation.scores`
   Grad-CAM against gaze, and the share of heatmap mass on the finding boxes and on the
   synthetic shortcut marker.
 
-Written as ``results.md`` (for people), ``results.json`` (for ``dvc metrics show``) and
-``paired.csv`` (one row per comparison).
+Written as ``results.md`` (for people), ``results.json`` (every number of the tables, per
+variant), ``paired.csv`` (one row per comparison) and, for ``dvc metrics show`` / ``dvc exp
+show``, a short headline file (:meth:`Report.headline`: a few numbers per variant).
 """
 
 from __future__ import annotations
@@ -82,10 +83,24 @@ class Report:
     confidence: float = 0.95
     tuning: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Variant -> its Optuna study's result (best values, trials by state), for the tuned
-    variants (``outputs/metrics/tune.json``); see :func:`read_tuning`."""
+    variants (``metrics/tune.json``); see :func:`read_tuning`."""
+
+    def headline(self) -> dict[str, dict[str, Any]]:
+        """Per variant the numbers an experiment is compared by (``dvc exp show``): test macro
+        AUC with its CI, validation macro AUC, the difference to ``baseline`` with its Holm
+        p-value, and the trained generator map's CC with the gaze; undefined ones left out."""
+        out = {}
+        for v in self.variants:
+            m, vs_baseline = self.metrics[v], self.paired.get(v, {}).get("baseline", {})
+            entry = {k: m.get(k) for k in ("test_auc_macro", "test_auc_macro_ci95_low", "test_auc_macro_ci95_high",
+                                           "val_auc_macro")}
+            entry.update(diff_vs_baseline=vs_baseline.get("difference"), p_holm_vs_baseline=vs_baseline.get("p_holm"),
+                         test_generator_gaze_cc=m.get("test_sal_generator_cc"))
+            out[v] = {k: x for k, x in ((k, _clean(x)) for k, x in entry.items()) if x is not None}
+        return out
 
     def to_json(self) -> dict[str, Any]:
-        """Flat per-variant numbers for ``dvc metrics show``."""
+        """Flat per-variant numbers of every table."""
         return {v: {k: _clean(x) for k, x in self._json_entry(v).items()} for v in self.variants}
 
     def _json_entry(self, v: str) -> dict[str, Any]:
@@ -523,11 +538,15 @@ def to_markdown(report: Report, title: str = "cxrgaze results") -> str:
     return "\n".join(_header(report, title) + [line for section in sections for line in section(report)])
 
 
-def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
-    """``results.md``, ``results.json`` and ``paired.csv`` (:data:`PAIRED_COLUMNS`) in ``out_dir``."""
+def write_report(report: Report, out_dir: str | Path, headline_json: str | Path | None = None) -> dict[str, Path]:
+    """``results.md``, ``results.json`` and ``paired.csv`` (:data:`PAIRED_COLUMNS`) in ``out_dir``;
+    the :meth:`Report.headline` into ``headline_json`` (default ``out_dir/headline.json``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"markdown": out_dir / "results.md", "json": out_dir / "results.json", "paired": out_dir / "paired.csv"}
+    paths = {"markdown": out_dir / "results.md", "json": out_dir / "results.json", "paired": out_dir / "paired.csv",
+             "headline": Path(headline_json) if headline_json else out_dir / "headline.json"}
+    paths["headline"].parent.mkdir(parents=True, exist_ok=True)
+    paths["headline"].write_text(json.dumps(report.headline(), indent=2) + "\n")
     paths["markdown"].write_text(to_markdown(report))
     paths["json"].write_text(json.dumps(report.to_json(), indent=2) + "\n")
     pd.DataFrame(report.comparisons, columns=list(PAIRED_COLUMNS)).to_csv(

@@ -48,7 +48,7 @@ def print_summary(root: Path = Path(".")) -> None:
         table = table[[c for c in CLASSES if c in table.columns]]
         table["patients"] = split.groupby("split")["patient_id"].nunique()
         print(table.reindex(["train", "val", "test"]).to_string())
-    _print_training(outputs / "metrics")
+    _print_training(outputs / "train")
     _print_results(root / "reports" / "results.md", outputs / "register.json")
     print("\nBrowse the runs, figures and registered models in MLflow:\n"
           "  .venv/bin/mlflow ui --host 127.0.0.1 --port 5000    # then open http://127.0.0.1:5000\n"
@@ -73,20 +73,22 @@ def _print_results(results_md: Path, register_json: Path) -> None:
             print(f"refused by the explanation gate: {variant}: {why}")
 
 
-def _print_training(metrics_dir: Path) -> None:
-    """Best validation metrics of every trained variant, in params order where possible."""
+def _print_training(train_root: Path) -> None:
+    """Best validation metrics of every trained variant (mean over seeds), in params order."""
     from cxrgaze.config import VARIANTS
 
     rows = []
-    for path in sorted(metrics_dir.glob("train-*.json")):
+    for path in sorted(train_root.glob("*/seed*/metrics.json")):
         m = json.loads(path.read_text())
-        rows.append({"variant": m.get("variant", path.stem[6:]), "best epoch": m.get("best_epoch", -1) + 1,
+        rows.append({"variant": m.get("variant", path.parent.parent.name), "best epoch": m.get("best_epoch", -1) + 1,
                      "epochs": m.get("epochs_run"),
                      **{f"val AUC {c}": m.get(f"val_auc_{c}") for c in ("macro", *CLASSES)}})
     if not rows:
         return
     order = {v: i for i, v in enumerate(VARIANTS)}
-    table = pd.DataFrame(rows).sort_values("variant", key=lambda s: s.map(lambda v: order.get(v, 99)))
-    _section(f"training: best epoch by validation macro AUC  ({metrics_dir})")
+    per_seed = pd.DataFrame(rows)
+    table = per_seed.groupby("variant").mean().assign(seeds=per_seed.groupby("variant").size())
+    table = table.sort_index(key=lambda s: s.map(lambda v: order.get(v, 99))).reset_index()
+    _section(f"training: best epoch by validation macro AUC, mean over seeds  ({train_root})")
     print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print("validation carries the synthetic shortcut: test AUC with CIs is what separates variants")

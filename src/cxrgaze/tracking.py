@@ -1,19 +1,29 @@
-"""MLflow tracking: one run per trained model, found again by its id.
+"""MLflow tracking: one run per trained model, found again by what it produced.
 
 Where runs go: ``MLFLOW_TRACKING_URI`` when set (a server, a database, anything MLflow
 takes), else MLflow's default, ``sqlite:///mlflow.db`` in the working directory with
 artifacts under ``./mlruns``, so plain ``mlflow ui`` in the repository root shows
 everything.
 
-A training run is opened by the ``train`` stage and its id written into the stage's
-output (``run.json``); ``evaluate``, ``report`` and ``register`` open the same run again by
-that id. Because the id travels with the outputs, it also works when DVC restores a stage
-from its run cache and the command itself does not run. The training callback
-(:class:`EpochLogger`) logs each epoch's record, so the train loop knows nothing of MLflow.
+Stage outputs hold no run ids: DVC versions them by content, so they must be the same
+wherever and whenever the pipeline produces them (a run id would make every ``dvc.lock``
+differ). Instead a run is tagged with the SHA-256 of what it produced, and later stages
+find it by that tag (:func:`find_runs`): a training run by its ``best.pt``
+(:data:`CHECKPOINT_TAG`), an evaluation by its ``metrics.json`` (:data:`EVALUATION_TAG`).
+
+Every run also carries :func:`run_context`, the git revision and, under ``dvc exp run``,
+the DVC experiment's name (DVC puts it in the stage's environment), so that runs of an
+experiment are told apart from its baseline's, and a later stage appends to an earlier
+stage's run only when both belong to the same revision and experiment
+(:func:`same_context`).
+
+The training callback (:class:`EpochLogger`) logs each epoch's record, so the train loop
+knows nothing of MLflow.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -33,7 +43,20 @@ EXPERIMENT = "cxrgaze"
 """The MLflow experiment of every cxrgaze run (overridable with ``MLFLOW_EXPERIMENT_NAME``)."""
 
 RUN_FILE = "run.json"
-"""Name of the file, inside a stage's output folder, that carries the MLflow run id."""
+"""Name of the file that carries a training run's MLflow run id beside its resume state
+(``last.pt``), so that a killed run resumes into the same MLflow run. Never in a DVC output."""
+
+CHECKPOINT_TAG = "cxrgaze.checkpoint_sha256"
+"""Tag of a run that trained (or evaluated) a checkpoint: the SHA-256 of its ``best.pt``."""
+
+EVALUATION_TAG = "cxrgaze.evaluation_sha256"
+"""Tag of an evaluation run: the SHA-256 of the ``metrics.json`` it wrote."""
+
+GIT_REVISION_TAG = "cxrgaze.git_revision"
+"""The commit the run's code and params came from (``HEAD``; a ``dvc exp run``'s baseline)."""
+
+DVC_EXPERIMENT_TAG = "cxrgaze.dvc_experiment"
+"""The DVC experiment's name (``DVC_EXP_NAME``), absent outside ``dvc exp run``."""
 
 
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -87,6 +110,45 @@ def git_commit(root: str | Path = ".") -> str | None:
     return f"{commit}-dirty" if dirty else commit
 
 
+def git_revision(root: str | Path = ".") -> str | None:
+    """``HEAD``'s commit without ``-dirty``: ``dvc repro`` rewrites ``dvc.lock`` between
+    stages, so the dirty flag is no identity of a pipeline run (None outside git)."""
+    commit = git_commit(root)
+    return commit.removesuffix("-dirty") if commit else None
+
+
+def run_context(root: str | Path = ".") -> dict[str, str]:
+    """The tags that tell which revision and DVC experiment a run belongs to."""
+    context = {GIT_REVISION_TAG: git_revision(root), DVC_EXPERIMENT_TAG: os.environ.get("DVC_EXP_NAME"),
+               "cxrgaze.dvc_baseline": os.environ.get("DVC_EXP_BASELINE_REV")}
+    return {k: v for k, v in context.items() if v}
+
+
+def same_context(tags: Mapping[str, str], root: str | Path = ".") -> bool:
+    """Whether a run with ``tags`` belongs to this process's revision and DVC experiment."""
+    here = run_context(root)
+    return all(tags.get(key) == here.get(key) for key in (GIT_REVISION_TAG, DVC_EXPERIMENT_TAG))
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (what :data:`CHECKPOINT_TAG` and :data:`EVALUATION_TAG` hold)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def find_runs(tags: Mapping[str, str]) -> list[Any]:
+    """The active runs of the cxrgaze experiment with all of ``tags``, newest first."""
+    experiment = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT)
+    if experiment is None:
+        return []
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    return MlflowClient().search_runs([experiment.experiment_id], filter_string=query,
+                                      order_by=["attributes.start_time DESC"])
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that decide a result."""
     from importlib.metadata import PackageNotFoundError, version
@@ -102,12 +164,13 @@ def library_versions() -> dict[str, str]:
 
 def run_tags(variant: str | None = None, device: str | None = None, root: str | Path = ".",
              data_hash: str | None = None) -> dict[str, str]:
-    """The tags every cxrgaze run carries: variant, device, git commit, data version, versions.
+    """The tags every cxrgaze run carries: variant, device, git commit, revision and DVC
+    experiment (:func:`run_context`), data version, library versions.
 
     ``data_hash`` overrides the ``data.dvc`` lookup (e.g. the hash recorded by ``prepare``).
     """
     tags = {"cxrgaze.variant": variant, "cxrgaze.device": device, "mlflow.source.git.commit": git_commit(root),
-            "cxrgaze.data_version": data_hash or data_version(root)}
+            "cxrgaze.data_version": data_hash or data_version(root), **run_context(root)}
     tags.update({f"cxrgaze.version.{k}": v for k, v in library_versions().items()})
     return {k: str(v) for k, v in tags.items() if v is not None}
 

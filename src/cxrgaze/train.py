@@ -397,10 +397,16 @@ def _sharded_backward(model: nn.Module, optimizer: torch.optim.Optimizer, config
     return stats
 
 
+HISTORY_EXCLUDED = ("seconds",)
+"""Record fields left out of ``history.csv``: wall-clock time differs from run to run, and
+the file is a DVC output that must depend only on the inputs (the times are logged to
+MLflow as ``epoch_seconds`` and kept in ``last.pt``)."""
+
+
 def _write_history_csv(history: list[dict[str, Any]], path: Path) -> None:
     keys: list[str] = []
     for rec in history:
-        keys += [k for k in rec if k not in keys]
+        keys += [k for k in rec if k not in keys and k not in HISTORY_EXCLUDED]
     lines = [",".join(keys)]
     for rec in history:
         lines.append(",".join("" if rec.get(k) is None else (f"{rec[k]:.6g}" if isinstance(rec[k], float) else str(rec[k])) for k in keys))

@@ -59,12 +59,13 @@ def split_patients(table: pd.DataFrame, config: SplitConfig = SplitConfig()) -> 
     return out
 
 
-def write_split(manifest_csv: str | Path, out_csv: str | Path, config: SplitConfig = SplitConfig()) -> pd.DataFrame:
+def write_split(manifest_csv: str | Path, out_csv: str | Path, config: SplitConfig = SplitConfig(),
+                counts_json: str | Path | None = None) -> pd.DataFrame:
     """Split a prepared ``manifest.csv`` and write ``out_csv``.
 
     The written table has ``dicom_id, patient_id, label, split`` and ``index`` (the row of
     the prepared arrays). Returns the image counts per split and class; the same counts
-    go to ``<out_csv stem>.json`` for ``dvc metrics show``.
+    go to ``counts_json`` (default ``<out_csv stem>.json``) for ``dvc metrics show``.
     """
     manifest_csv, out_csv = Path(manifest_csv), Path(out_csv)
     if not manifest_csv.exists():
@@ -82,7 +83,9 @@ def write_split(manifest_csv: str | Path, out_csv: str | Path, config: SplitConf
     counts["total"] = counts.sum(axis=1)
     counts["patients"] = table.groupby("split")["patient_id"].nunique().reindex(list(SPLITS), fill_value=0)
     metrics = {split: {k: int(v) for k, v in row.items()} for split, row in counts.iterrows()}
-    out_csv.with_suffix(".json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    counts_json = Path(counts_json) if counts_json else out_csv.with_suffix(".json")
+    counts_json.parent.mkdir(parents=True, exist_ok=True)
+    counts_json.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return counts
 
 
