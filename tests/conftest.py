@@ -69,6 +69,29 @@ def make_project(dest: Path, params_update: dict | None = None) -> Path:
     return dest
 
 
+def tiny_pipeline_project(dest: Path, variants: dict, remote: Path | None = None) -> Path:
+    """A :func:`make_project` with a tiny profile of ``variants`` (32 px, 2 epochs, 2 tuning
+    trials of set3-gbp) over a tiny synthetic dataset added with DVC and committed, so that
+    ``dvc repro`` of the whole pipeline takes a few minutes; ``remote``: a default DVC remote."""
+    from cxrgaze.data.synth import synthesize
+
+    root = make_project(dest)
+    if remote is not None:
+        run(["dvc", "remote", "add", "-q", "-d", "store", str(remote)], root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"].update(image_size=32, workers=1)
+    params["train"].update(epochs=2, batch_size=16)
+    params["evaluate"].update(n_resamples=200, panel_per_class=1, sanity_images=4)
+    params["tune"].update(variants=["set3-gbp"], n_trials=2, epochs=1)
+    params["variants"] = variants
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    synthesize(root / "data", patients=36, seed=4, image_size=96)
+    run(["dvc", "add", "-q", "data"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "tiny profile"], root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_prepared(tmp_path_factory) -> tuple[Path, Path]:
     """(prepared_dir, split_csv) of a tiny synthetic dataset at 32 px, made once per session

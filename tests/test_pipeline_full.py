@@ -7,31 +7,17 @@ import json
 import sqlite3
 
 import pytest
-import yaml
 
-from conftest import make_project, run
-from cxrgaze.data.synth import synthesize
+from conftest import run, tiny_pipeline_project
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 VARIANTS = {"baseline": {"loss": {"gamma": 1.0}, "model": {"dropout": 0.0}}, "unet": {}, "set3-gbp": {}}
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    root = make_project(tmp_path_factory.mktemp("full"))
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["data"].update(image_size=32, workers=1)
-    params["train"].update(epochs=2, batch_size=16)
-    params["evaluate"].update(n_resamples=200, panel_per_class=1)
-    params["variants"] = VARIANTS
-    if "tune" in params:
-        params["tune"].update(variants=["set3-gbp"], n_trials=2, epochs=1)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    synthesize(root / "data", patients=36, seed=4, image_size=96)
-    run(["dvc", "add", "-q", "data"], root)
-    run(["git", "add", "-A"], root)
-    run(["git", "commit", "-qm", "tiny profile"], root)
+    root = tiny_pipeline_project(tmp_path_factory.mktemp("full"), VARIANTS)
     run(["dvc", "repro"], root)
     return root
 
@@ -49,8 +35,9 @@ def test_repro_ends_with_runs_figures_report_and_champion(repo):
         figures = repo / "outputs" / "figures" / variant / "seed0"  # train.seeds: [0]
         assert {"roc.png", "confusion.png", "heatmaps.png", "training.png", "reliability.png"} <= {
             p.name for p in figures.iterdir()}
-        run_info = json.loads((repo / "outputs" / "eval" / variant / "seed0" / "run.json").read_text())
-        assert run_info["model_uri"].startswith("models:/")
+        assert not (repo / "outputs" / "eval" / variant / "seed0" / "run.json").exists()  # no run id in an output
+        model_uri = _evaluation_model(repo, variant)
+        assert model_uri.startswith("models:/")
         summary = json.loads((repo / "outputs" / "eval" / variant / "metrics.json").read_text())
         assert summary["n_seeds"] == 1 and summary["scoring"] == "sigmoid"
     assert all(status == "FINISHED" for _, status in runs), runs
@@ -59,12 +46,32 @@ def test_repro_ends_with_runs_figures_report_and_champion(repo):
     for section in ("## Paired comparisons", "## Calibration", "## Sanity checks", "## Tuning", "budgets differ"):
         assert section in results
     metrics = json.loads((repo / "reports" / "results.json").read_text())
-    assert set(metrics) == set(VARIANTS)
+    assert set(metrics) == set(VARIANTS) == set(json.loads((repo / "metrics" / "headline.json").read_text()))
     assert metrics["set3-gbp"]["diff_vs_unet_low"] <= metrics["set3-gbp"]["diff_vs_unet"]
     decision = json.loads((repo / "outputs" / "register.json").read_text())
     assert decision["champion_version"] and set(decision["versions"]) == set(VARIANTS)
     shown = run(["dvc", "metrics", "show", "--json"], repo).stdout
     assert "test_auc_macro" in shown
+
+
+def _evaluation_model(repo, variant: str) -> str:
+    """The model URI of the run that holds ``variant``'s seed-0 evaluation (found by its tag)."""
+    import os
+
+    import mlflow
+
+    from cxrgaze.experiment import evaluation_run
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    cwd = os.getcwd()
+    os.chdir(repo)  # the git revision of the run's context is the project's
+    try:
+        found = evaluation_run(repo / "outputs" / "eval" / variant / "seed0")
+    finally:
+        os.chdir(cwd)
+        mlflow.set_tracking_uri(None)
+    assert found is not None and found[2], f"no evaluation run of this revision for {variant}"
+    return found[1]
 
 
 def test_second_repro_changes_nothing_and_moves_nothing(repo):

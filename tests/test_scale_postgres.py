@@ -28,7 +28,7 @@ from conftest import mlflow_server as start_mlflow_server
 from postgres_fixture import postgres, postgres_url  # noqa: F401,F811 - fixtures
 from cxrgaze.tune import TRIAL_RUN_ATTR, live_trials, open_study, tune_config
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 TINY = {
     "model": {"encoder": "tu-tinynet_e", "decoder_channels": [32, 16, 16, 8, 8]},
