@@ -1,7 +1,7 @@
 """DVC stage `train@<variant>`: train one variant once per seed, keep its best checkpoints.
 
 Usage (from dvc.yaml):
-  python pipelines/train.py VARIANT PREPARED_DIR SPLIT_CSV TUNED_YAML OUT_DIR HISTORY_CSV RESUME_DIR
+  python pipelines/train.py VARIANT PREPARED_DIR SPLIT_CSV TUNED_YAML OUT_DIR RESUME_DIR
 Reads params.yaml: model, loss, train (``train.seeds``: one run per seed), variants;
 TUNED_YAML (the `tune` stage's output) may override them for VARIANT (tuned loss weights).
 
@@ -9,8 +9,9 @@ Each seed is its own MLflow run (experiment `cxrgaze`, run name = variant, param
 train.seed, tagged with the SHA-256 of its ``best.pt``: `evaluate` finds it by that) and
 ends as OUT_DIR/seed<S>/ with ``best.pt``, ``history.csv`` and ``metrics.json``: files that
 depend only on the inputs, so the same params and data give the same ``dvc.lock``
-anywhere and DVC's run cache can restore the stage. HISTORY_CSV (a DVC plot, committed to
-git) has every seed's per-epoch curves (column ``seed``).
+anywhere and DVC's run cache can restore the stage (which it does only for a stage
+whose every output is cached: the curves of every seed, a DVC plot committed to git, are
+written by `report` into metrics/history/<variant>.csv).
 
 Resuming lives outside the stage's output: a seed trains in RESUME_DIR/seed<S>/ (with
 ``last.pt`` written every epoch and ``run.json``, the MLflow run to continue), which is
@@ -26,8 +27,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PARAMS, run_stage  # noqa: E402
 
@@ -38,13 +37,15 @@ FINGERPRINT = "fingerprint.txt"
 
 def fingerprint(config_dict: dict, prepared: Path, split_csv: Path) -> str:
     """What the resume state of one seed must have been written for: the run config, the
-    prepared data, the split and the cxrgaze code (a killed stage rerun after any of them
-    changed must start over, as DVC would)."""
+    prepared data (arrays included), the split, this stage and the cxrgaze code (a killed
+    stage rerun after any of them changed must start over, as DVC would)."""
     import cxrgaze
 
     digest = hashlib.sha256(json.dumps(config_dict, sort_keys=True).encode())
     package = Path(cxrgaze.__file__).resolve().parent
-    for path in [prepared / "manifest.csv", prepared / "meta.json", split_csv, *sorted(package.rglob("*.py"))]:
+    inputs = [*(prepared / name for name in ("manifest.csv", "meta.json", "images.npy", "gaze.npy")), split_csv,
+              Path(__file__).resolve(), *sorted(package.rglob("*.py"))]
+    for path in inputs:
         digest.update(str(path.relative_to(package) if path.is_relative_to(package) else path.name).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -69,11 +70,11 @@ def resume_state(folder: Path, expected: str) -> bool:
 
 def main() -> None:
     from cxrgaze.config import load_params
-    from cxrgaze.experiment import train_tracked
+    from cxrgaze.experiment import finish_train_run, train_tracked
     from cxrgaze.train import resolve_run_config, run_seeds
     from cxrgaze.tune import load_tuned, merge_overrides
 
-    variant, prepared, split_csv, tuned, out_dir, history_csv, resume_dir = sys.argv[1:8]
+    variant, prepared, split_csv, tuned, out_dir, resume_dir = sys.argv[1:7]
     out, resume = Path(out_dir), Path(resume_dir)
     params = merge_overrides(load_params(PARAMS), load_tuned(tuned, variant), variant)
     where = f"{PARAMS} + {tuned}"
@@ -82,20 +83,18 @@ def main() -> None:
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     if out.exists():
         shutil.rmtree(out)  # DVC removes it too; a plain `python pipelines/train.py` must not mix runs
-    histories = []
     for seed in seeds:
         config = resolve_run_config(params, variant, where=where, seed=seed)
         state = resume / f"seed{seed}"
-        if not resume_state(state, fingerprint(config.as_dict(), Path(prepared), Path(split_csv))):
+        if resume_state(state, fingerprint(config.as_dict(), Path(prepared), Path(split_csv))):
+            finish_train_run(state)  # a kill may have come between its last file and the end of its run
+        else:
             result, run_id = train_tracked(config, prepared, split_csv, state)
             print(f"{variant} seed {seed}: best epoch {result.best_epoch + 1}, val macro AUC "
                   f"{result.best.get('val_auc_macro', float('nan')):.4f}, MLflow run {run_id}")
         (out / f"seed{seed}").mkdir(parents=True)
         for name in DELIVERED:
             shutil.copyfile(state / name, out / f"seed{seed}" / name)
-        histories.append(pd.read_csv(state / "history.csv").assign(seed=seed))
-    Path(history_csv).parent.mkdir(parents=True, exist_ok=True)
-    pd.concat(histories).to_csv(history_csv, index=False, lineterminator="\n")
     shutil.rmtree(resume)
     if resume.parent.is_dir() and not any(resume.parent.iterdir()):
         resume.parent.rmdir()

@@ -9,6 +9,7 @@ import json
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cxrgaze.evaluation.bootstrap import paired_auc_bootstrap
@@ -196,3 +197,20 @@ def test_tuning_with_unequal_trial_counts_is_not_budget_matched(eval_root):
     tuning = {"unet": {"best_gamma": 0.5, "trials_complete": 8}, "set1-gbp": {"best_gamma": 0.5, "trials_complete": 3}}
     text = to_markdown(build_report(eval_root, ["baseline", "unet", "set1-gbp"], n_resamples=R, tuning=tuning))
     assert "**The budgets differ**" in text and "different trial counts" in text
+
+
+def test_write_histories_gathers_every_seed_for_dvc_plots(tmp_path):
+    from cxrgaze.report import write_histories
+
+    for seed in (0, 1):
+        folder = tmp_path / "train" / "unet" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "history.csv").write_text(f"epoch,val_auc_macro\n0,0.{5 + seed}\n1,0.{7 + seed}\n")
+    (tmp_path / "history").mkdir()
+    (tmp_path / "history" / "gone.csv").write_text("epoch\n0\n")  # a variant no longer listed
+    write_histories(tmp_path / "train", ["unet"], tmp_path / "history")
+    table = pd.read_csv(tmp_path / "history" / "unet.csv")
+    assert table["seed"].tolist() == [0, 0, 1, 1] and table["val_auc_macro"].tolist() == [0.5, 0.7, 0.6, 0.8]
+    assert sorted(p.name for p in (tmp_path / "history").iterdir()) == ["unet.csv"]
+    with pytest.raises(FileNotFoundError, match="train@set1-gbp"):
+        write_histories(tmp_path / "train", ["set1-gbp"], tmp_path / "history")

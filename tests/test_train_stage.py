@@ -27,7 +27,7 @@ variants: {unet: {}}
 def _stage(tmp_path: Path, prepared: Path, split: Path, name: str) -> tuple[list[str], Path, Path]:
     out, resume = tmp_path / name / "train", tmp_path / name / "resume"
     cmd = [sys.executable, str(ROOT / "pipelines" / "train.py"), "unet", str(prepared), str(split),
-           str(tmp_path / "best.yaml"), str(out), str(tmp_path / name / "history.csv"), str(resume)]
+           str(tmp_path / "best.yaml"), str(out), str(resume)]
     return cmd, out, resume
 
 
@@ -39,6 +39,14 @@ def _digests(folder: Path) -> dict[str, str]:
 def _unet_runs(tmp_path: Path) -> int:
     with sqlite3.connect(tmp_path / "mlflow.db") as db:
         return db.execute("SELECT COUNT(*) FROM runs WHERE name = 'unet'").fetchone()[0]
+
+
+def _checkpoints_of_finished_runs(tmp_path: Path) -> list[str]:
+    """The checkpoint tags of the FINISHED runs named unet (evaluate finds runs by them)."""
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        return [v for (v,) in db.execute(
+            "SELECT t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid WHERE r.name = 'unet' "
+            "AND r.status = 'FINISHED' AND t.key = 'cxrgaze.checkpoint_sha256'")]
 
 
 def test_killed_stage_keeps_finished_seeds_resumes_the_next_and_matches_an_uninterrupted_run(tiny_prepared, tmp_path):
@@ -69,9 +77,11 @@ def test_killed_stage_keeps_finished_seeds_resumes_the_next_and_matches_an_unint
     assert "seed0: finished before the stage was interrupted; kept" in again.stdout
     assert "seed1: resuming an interrupted run from last.pt" in again.stdout
     assert _unet_runs(tmp_path) == 4, "no new MLflow run: seed 0 kept, seed 1 resumed into its own run"
-    # What DVC versions is byte for byte what an uninterrupted run writes.
+    # What DVC versions is byte for byte what an uninterrupted run writes, and every run
+    # (the resumed one too) ended FINISHED, tagged with its checkpoint.
     assert _digests(out) == _digests(ref_out)
-    assert (tmp_path / "killed" / "history.csv").read_bytes() == (tmp_path / "ref" / "history.csv").read_bytes()
+    best = [_digests(ref_out)[f"seed{s}/best.pt"] for s in (0, 1)]
+    assert sorted(_checkpoints_of_finished_runs(tmp_path)) == sorted(best * 2)
 
 
 def test_resume_state_of_other_inputs_is_discarded(tmp_path, capsys):

@@ -131,7 +131,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     report = build_report(args.eval_root, variants, n_resamples=config.n_resamples, seed=config.seed,
                           confidence=config.confidence, specificity=config.specificity,
                           tuning=read_tuning(args.tune_json))
-    paths = write_report(report, args.out)
+    paths = write_report(report, args.out, args.headline)
     print(paths["markdown"].read_text())
 
 
@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("evaluate", cmd_evaluate, "Evaluate a trained model: AUCs with bootstrap CIs, heatmaps vs gaze, figures; "
             "logged into its MLflow run with the servable model.")
     p.add_argument("--train-dir", required=True, help="folder of one training run: `cxrgaze train --out`, or a "
-                   "seed folder of the pipeline, e.g. outputs/train/unet/seed0 (best.pt, history.csv, run.json)")
+                   "seed folder of the pipeline, e.g. outputs/train/unet/seed0 (best.pt, history.csv); its MLflow run is "
+                   "found by the checkpoint's SHA-256")
     p.add_argument("--out", required=True, help="output folder (metrics.json, predictions.csv, saliency.csv, figures/)")
     p.add_argument("--prepared", default="outputs/prepared", help="folder written by prepare (default outputs/prepared)")
     p.add_argument("--split", default="outputs/split.csv", help="split table (default outputs/split.csv)")
@@ -284,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", default=None, help="variants to include (default: all evaluated)")
     p.add_argument("--tune-json", default="metrics/tune.json",
                    help="the tune stage's metrics: which variants were tuned (default metrics/tune.json)")
+    p.add_argument("--headline", default="metrics/headline.json",
+                   help="the per-variant headline numbers (a DVC metric; default metrics/headline.json)")
 
     p = add("register", cmd_register, "Register evaluated models in the MLflow registry; move `champion` by validation AUC.")
     p.add_argument("--eval-root", default="outputs/eval", help="folder with one evaluate output per variant")

@@ -115,6 +115,25 @@ def train_tracked(
     return result, run.info.run_id
 
 
+def finish_train_run(out_dir: str | Path) -> None:
+    """Close the training run of a finished ``out_dir`` (``best.pt``, ``metrics.json``) that a
+    kill left unclosed between the last file and the end of the run: tag its checkpoint and
+    end it FINISHED, as :func:`train_tracked` would have."""
+    out_dir = Path(out_dir)
+    if not (out_dir / RUN_FILE).exists():
+        return
+    run_id = read_run_file(out_dir)["run_id"]
+
+    def close() -> None:
+        client = mlflow.tracking.MlflowClient()
+        if run_exists(run_id) and client.get_run(run_id).info.status != "FINISHED":
+            client.set_tag(run_id, CHECKPOINT_TAG, file_digest(out_dir / "best.pt"))
+            client.set_tag(run_id, "cxrgaze.kind", "train")
+            client.set_terminated(run_id, "FINISHED")
+
+    TrackingGuard().call(f"closing run {run_id}", close)
+
+
 def _replay_unlogged_epochs(run_id: str, last_pt: Path, logger: EpochLogger) -> None:
     """Log the checkpointed epochs the run lacks: a process killed between writing
     ``last.pt`` and logging that epoch resumes after it."""
@@ -179,14 +198,16 @@ def _log_evaluation(run_id: str, train_dir: Path, out_dir: Path, figures: list[P
 
     metrics = json.loads((out_dir / "metrics.json").read_text())
     with resumed_run(run_id):
-        if params:
-            mlflow.log_params(params)
         mlflow.log_metrics(finite_metrics(metrics))
         for figure in figures:
             mlflow.log_artifact(str(figure), "figures")
         for name in ("metrics.json", "scores.npz", "predictions.csv", "saliency.csv", "sanity.json"):
             mlflow.log_artifact(str(out_dir / name), "evaluation")
         info = log_model(train_dir / "best.pt", prepared_data_config(prepared_dir))
+        # Params last, with the tags: an evaluation that failed before this point leaves the
+        # run free for the next attempt, whatever its settings (MLflow params are immutable).
+        if params:
+            mlflow.log_params(params)
         mlflow.set_tags({EVALUATED_TAG: "true", "cxrgaze.model_uri": info.model_uri,
                          EVALUATION_TAG: file_digest(out_dir / "metrics.json")})
     return info.model_uri
@@ -220,7 +241,10 @@ def _run_for(train_dir: Path, prepared_dir: Path) -> str:
         if not run_exists(run_id):
             continue
         tags = client.get_run(run_id).data.tags
-        trained_in = trained_in or (run_id if tags.get(TRAINED_IN_TAG) is None else tags[TRAINED_IN_TAG])
+        if tags.get(CHECKPOINT_TAG) != checkpoint:
+            continue  # run.json of a run that did not finish this checkpoint (killed, resumed since)
+        if tags.get("cxrgaze.kind") == "train":
+            trained_in = trained_in or run_id
         if tags.get(EVALUATED_TAG) != "true" and same_context(tags):
             return run_id
     ckpt = load_checkpoint(train_dir / "best.pt")
@@ -317,6 +341,7 @@ def register_evaluated(eval_root: str | Path, variants: list[str], prepared_dir:
     from cxrgaze.tracking import data_version
 
     cfg = from_mapping(RegisterConfig, mapping, where=where)
+    set_experiment()
     candidates = []
     for variant in variants:
         runs = seed_runs(Path(eval_root) / variant)
@@ -325,7 +350,7 @@ def register_evaluated(eval_root: str | Path, variants: list[str], prepared_dir:
             if found is None and train_root is None:
                 raise TrackingError(f"{folder}: no run in {mlflow.get_tracking_uri()} logged this evaluation "
                                     f"(outputs restored by DVC for another tracking store?); run "
-                                    f"`dvc repro -f evaluate@{variant}` to evaluate and log it here")
+                                    f"`dvc repro --force --single-item evaluate@{variant}` to evaluate and log it here")
             if found is None:
                 sub = [folder.name] if seed is not None else []
                 found = log_restored_evaluation(Path(train_root, variant, *sub), folder,

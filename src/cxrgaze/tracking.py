@@ -70,13 +70,18 @@ class TrackingError(RuntimeError):
     """The tracking store cannot be reached or does not hold the run an output names."""
 
 
+def experiment_name(name: str | None = None) -> str:
+    """``MLFLOW_EXPERIMENT_NAME``, else ``name``, else :data:`EXPERIMENT`."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or name or EXPERIMENT
+
+
 def set_experiment(name: str | None = None) -> str:
     """Select (creating if needed) the cxrgaze experiment; returns its id.
 
     ``MLFLOW_EXPERIMENT_NAME`` wins over ``name``, so a user can point a pipeline at
     another experiment without editing anything.
     """
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or name or EXPERIMENT
+    name = experiment_name(name)
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     try:
@@ -140,13 +145,18 @@ def file_digest(path: str | Path) -> str:
 
 
 def find_runs(tags: Mapping[str, str]) -> list[Any]:
-    """The active runs of the cxrgaze experiment with all of ``tags``, newest first."""
-    experiment = mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT)
-    if experiment is None:
-        return []
+    """The active runs of the cxrgaze experiment with all of ``tags``, newest first
+    (:class:`TrackingError` when the store cannot be searched)."""
     query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
-    return MlflowClient().search_runs([experiment.experiment_id], filter_string=query,
-                                      order_by=["attributes.start_time DESC"])
+    try:
+        experiment = mlflow.get_experiment_by_name(experiment_name())
+        if experiment is None:
+            return []
+        return MlflowClient().search_runs([experiment.experiment_id], filter_string=query,
+                                          order_by=["attributes.start_time DESC"])
+    except Exception as exc:  # noqa: BLE001 - any store failure is one user-facing reason
+        raise TrackingError(f"MLflow tracking store {mlflow.get_tracking_uri()}: cannot search runs "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
 
 
 def library_versions() -> dict[str, str]:
