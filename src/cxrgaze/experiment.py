@@ -341,10 +341,10 @@ def register_evaluated(eval_root: str | Path, variants: list[str], prepared_dir:
     from cxrgaze.tracking import data_version
 
     cfg = from_mapping(RegisterConfig, mapping, where=where)
+    evaluated = {variant: seed_runs(Path(eval_root) / variant) for variant in variants}  # before any store is opened
     set_experiment()
     candidates = []
-    for variant in variants:
-        runs = seed_runs(Path(eval_root) / variant)
+    for variant, runs in evaluated.items():
         for seed, folder in runs:
             found = evaluation_run(folder)
             if found is None and train_root is None:
