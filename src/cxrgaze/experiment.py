@@ -191,9 +191,9 @@ def evaluate_tracked(
 
 
 def _log_evaluation(run_id: str, train_dir: Path, out_dir: Path, figures: list[Path], prepared_dir: Path,
-                    params: dict[str, str] | None = None) -> str:
+                    params: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> str:
     """Log an evaluation's files (``out_dir``), figures and servable model into ``run_id``
-    and tag it evaluated; returns the model's URI."""
+    and tag it evaluated (and with ``tags``); returns the model's URI."""
     from cxrgaze.serving.log import log_model
 
     metrics = json.loads((out_dir / "metrics.json").read_text())
@@ -208,7 +208,7 @@ def _log_evaluation(run_id: str, train_dir: Path, out_dir: Path, figures: list[P
         # run free for the next attempt, whatever its settings (MLflow params are immutable).
         if params:
             mlflow.log_params(params)
-        mlflow.set_tags({EVALUATED_TAG: "true", "cxrgaze.model_uri": info.model_uri,
+        mlflow.set_tags({**(tags or {}), EVALUATED_TAG: "true", "cxrgaze.model_uri": info.model_uri,
                          EVALUATION_TAG: file_digest(out_dir / "metrics.json")})
     return info.model_uri
 
@@ -223,9 +223,8 @@ def log_restored_evaluation(train_dir: str | Path, eval_dir: str | Path, figures
     run_id = _run_for(train_dir, prepared_dir)
     figures = sorted(Path(figures_dir).glob("*.png")) if Path(figures_dir).is_dir() else []
     print(f"{eval_dir}: restored by DVC, logged by no run in {mlflow.get_tracking_uri()}: logging it into run {run_id}")
-    with resumed_run(run_id):
-        mlflow.set_tag("cxrgaze.restored_evaluation", "true")
-    return run_id, _log_evaluation(run_id, train_dir, eval_dir, figures, prepared_dir)
+    return run_id, _log_evaluation(run_id, train_dir, eval_dir, figures, prepared_dir,
+                                   tags={"cxrgaze.restored_evaluation": "true"})
 
 
 def _run_for(train_dir: Path, prepared_dir: Path) -> str:
@@ -275,8 +274,9 @@ def evaluation_run(eval_dir: str | Path) -> tuple[str, str, bool] | None:
     runs = find_runs({EVALUATION_TAG: file_digest(metrics), EVALUATED_TAG: "true"})
     if not runs:
         return None
-    run = next((r for r in runs if same_context(r.data.tags)), runs[0])
-    return run.info.run_id, run.data.tags["cxrgaze.model_uri"], same_context(run.data.tags)
+    ours = [r for r in runs if same_context(r.data.tags)]  # each check asks git: once per run
+    run = (ours or runs)[0]
+    return run.info.run_id, run.data.tags["cxrgaze.model_uri"], bool(ours)
 
 
 def seed_runs(folder: str | Path) -> list[tuple[int | None, Path]]:
