@@ -44,7 +44,7 @@ _MODELS: dict[str, torch.nn.Module] = {}
 
 def model_for(variant: str) -> torch.nn.Module:
     """A fresh copy of one seeded model per architecture (built once per session)."""
-    kind = "baseline" if variant == "baseline" else "unet"
+    kind = "unet" if parse_variant(variant).has_decoder else "baseline"
     if kind not in _MODELS:
         torch.manual_seed(0)
         _MODELS[kind] = build_model(TINY, variant=kind)
@@ -57,11 +57,12 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
 
 def test_variant_names():
     assert VARIANTS == ("baseline", "unet", "set1-gbp", "set1-deconv", "set2-gbp", "set2-deconv",
-                        "set3-gbp", "set3-deconv", "set3-grad")
+                        "set3-gbp", "set3-deconv", "set3-grad", "rrr-grad", "rrr-gbp")
+    assert parse_variant("rrr-gbp").objective == "rrr" and not parse_variant("rrr-gbp").has_decoder
     assert parse_variant("set3-gbp").objective == "set3" and parse_variant("set3-gbp").rule == "gbp"
     assert parse_variant("set1-grad").rule == "grad"
     assert not parse_variant("baseline").has_decoder
-    for bad in ("set4-gbp", "set1-gradcam", "unet-gbp", ""):
+    for bad in ("set4-gbp", "set1-gradcam", "unet-gbp", "rrr", ""):
         with pytest.raises(ValueError, match="unknown variant"):
             parse_variant(bad)
 
@@ -74,7 +75,7 @@ def test_every_variant_is_finite_and_reaches_the_parameters_it_should(variant):
     assert terms["loss"] == loss.detach() and not any(t.requires_grad for t in terms.values())
     expected_terms = {
         "baseline": {"cls"}, "unet": {"cls", "mask_gaze"}, "set1": {"cls", "gen_gaze"},
-        "set2": {"cls", "mask_gen"}, "set3": {"cls", "mask_gaze", "gen_gaze"},
+        "set2": {"cls", "mask_gen"}, "set3": {"cls", "mask_gaze", "gen_gaze"}, "rrr": {"cls", "rrr"},
     }[parse_variant(variant).objective]
     assert set(terms) == expected_terms | {"loss"}
     loss.backward()

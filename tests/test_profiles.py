@@ -51,15 +51,17 @@ def test_study_overlay_states_only_differences_and_resolves(tmp_path):
     overlay = load_params(ROOT / "profiles/study.yaml")
     for section in set(base) - set(overlay):
         assert study[section] == base[section], section
-    assert study["train"] == {**base["train"], "seeds": [0, 1, 2]}
+    assert study["train"] == {**base["train"], "seeds": [0, 1, 2], "selection_gaze_weight": 1.0}
     assert run_seeds(study) == (0, 1, 2)
     assert [resolve_run_config(study, "unet", seed=s).train.seed for s in run_seeds(study)] == [0, 1, 2]
     cfg = tune_config(study)
     # The same budget for every variant with loss weights, each over the weights it has.
     assert set(cfg.variants) == set(VARIANTS) - {"baseline"}
     assert cfg.n_trials == 6
-    assert {v: sorted(variant_space(cfg.space, v)) for v in ("unet", "set1-gbp", "set2-deconv", "set3-gbp")} == {
-        "unet": ["gamma"], "set1-gbp": ["gamma"], "set2-deconv": ["gamma"], "set3-gbp": ["alpha", "gamma"]}
+    assert {v: sorted(variant_space(cfg.space, v)) for v in ("unet", "set1-gbp", "set2-deconv", "set3-gbp", "rrr-gbp")} == {
+        "unet": ["gamma"], "set1-gbp": ["gamma", "mass_weight", "outside_weight"], "set2-deconv": ["gamma"],
+        "set3-gbp": ["alpha", "gamma", "mass_weight", "outside_weight"], "rrr-gbp": ["rrr_weight"]}
+    assert resolve_run_config(study, "rrr-gbp").train.selection_gaze_weight == 1.0
 
 
 def test_seeds_are_validated():

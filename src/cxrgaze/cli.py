@@ -63,9 +63,9 @@ def cmd_split(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from cxrgaze.config import VARIANTS
     from cxrgaze.experiment import train_tracked
     from cxrgaze.train import resolve_run_config, train
+    from cxrgaze.variants import VARIANTS
 
     params = load_params(args.params) if args.params else {}
     for key in ("epochs", "device", "batch_size", "lr"):
@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("tune", cmd_tune, "Tune each variant's loss weights (params.yaml tune.space: set 3's alpha, gamma, lr) "
             "with Optuna; write the best values as per-variant overrides.")
-    from cxrgaze.config import VARIANTS
+    from cxrgaze.variants import VARIANTS
 
     p.add_argument("--variant", required=True, choices=[*VARIANTS, "all"],
                    help="a variant, or all (those of tune.variants)")

@@ -8,11 +8,14 @@ Unknown keys are an error (a typo must not silently fall back to a default).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 import yaml
+
+from cxrgaze.variants import VARIANTS, parse_variant
 
 T = TypeVar("T")
 
@@ -159,7 +162,8 @@ class LossConfig:
     """The training objective (``params.yaml: loss``); see ``cxrgaze.losses``.
 
     Total loss ``gamma * L_cls + (1 - gamma) * heatmap_loss``; set 3's heatmap loss is
-    ``alpha * L_s(M, G) + (1 - alpha) * L_s(H, G)``. The baseline's loss is ``L_cls``.
+    ``alpha * L_s(M, G) + (1 - alpha) * L_H(H, G)``. The baseline's loss is ``L_cls``; rrr's
+    ``L_cls + rrr_weight * R``.
     """
 
     gamma: float = 0.41731
@@ -176,24 +180,34 @@ class LossConfig:
     gradient into the generator)."""
     eps: float = 1e-6
     """Clamp of [0, 1] heatmaps before a BCE (the max pixel of a normalised map is exactly 1)."""
+    mass_weight: float = 0.0
+    """Sets 1 and 3: weight of the generator map's share of mass outside the gaze, added to
+    the generator-vs-gaze loss (0: the paper's loss; see ``cxrgaze.losses``)."""
+    outside_weight: float = 0.0
+    """Sets 1 and 3: weight of the outside-gaze penalty ``mean ((1 - G) H)^2`` on the generator map."""
+    rrr_weight: float = 1.0e-4
+    """``rrr-*``: weight ``l`` of Ross et al.'s penalty on the attribution outside the gaze.
+    It is on the raw attributions' scale, which depends on the rule and the network: the
+    default makes the penalty about as large as ``L_cls`` at initialisation for the plain
+    gradient on the synthetic default (Ross et al.'s rule of thumb); guided backprop's
+    attributions are ~50x larger (``params.yaml`` sets ``rrr-gbp``'s own). Tune it on a log
+    scale."""
 
     def __post_init__(self) -> None:
         for name in ("gamma", "alpha"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"loss.{name} must be in [0, 1], got {value}")
+        for name in ("mass_weight", "outside_weight", "rrr_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"loss.{name} must be a non-negative number, got {value!r}")
         if self.cls_loss not in ("bce", "ce"):
             raise ConfigError(f"loss.cls_loss must be 'bce' or 'ce', got {self.cls_loss!r}")
         if self.map_loss not in ("bce", "kl", "mse"):
             raise ConfigError(f"loss.map_loss must be 'bce', 'kl' or 'mse', got {self.map_loss!r}")
         if not 0.0 < self.eps < 0.5:
             raise ConfigError(f"loss.eps must be in (0, 0.5), got {self.eps}")
-
-
-VARIANTS: tuple[str, ...] = (
-    "baseline", "unet", "set1-gbp", "set1-deconv", "set2-gbp", "set2-deconv", "set3-gbp", "set3-deconv", "set3-grad",
-)
-"""The experiment variants: the paper's sets plus ``set3-grad`` (plain input gradient)."""
 
 
 @dataclass(frozen=True)
@@ -228,10 +242,20 @@ class TrainConfig:
     augment: bool = False
     """Small random affine on image and gaze together (off, as the reference)."""
     eval_batch_size: int = 64
+    selection_gaze_weight: float = 0.0
+    """Checkpoint selection (and the tuning objective): the epoch kept maximises
+    ``val_selection = val_auc_macro - selection_gaze_weight * val_outside_mass``, the
+    validation AUC minus the share of the generator map's mass outside the gaze on
+    validation images (the variant's generator, guided backprop for baseline and unet).
+    0 (the default) selects by validation AUC alone. A positive weight rewards looking
+    where the radiologist looked when the validation set, like the synthetic one, carries
+    the same shortcut as training."""
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ConfigError(f"train.variant must be one of {', '.join(VARIANTS)}; got {self.variant!r}")
+        try:
+            parse_variant(self.variant)
+        except ValueError as exc:
+            raise ConfigError(f"train.variant: {exc}") from None
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"train.epochs and train.batch_size must be positive, got {self.epochs}, {self.batch_size}")
         if self.lr <= 0:
@@ -242,5 +266,8 @@ class TrainConfig:
             raise ConfigError(f"train.scheduler must be 'none' or 'cyclic', got {self.scheduler!r}")
         if self.amp is False or self.amp == "off":  # legacy spellings of fp32
             object.__setattr__(self, "amp", "fp32")
+        if not (isinstance(self.selection_gaze_weight, (int, float)) and math.isfinite(self.selection_gaze_weight)
+                and self.selection_gaze_weight >= 0):
+            raise ConfigError(f"train.selection_gaze_weight must be a non-negative number, got {self.selection_gaze_weight!r}")
         if self.amp not in ("fp32", "bf16"):
             raise ConfigError(f"train.amp must be 'fp32' or 'bf16', got {self.amp!r}")

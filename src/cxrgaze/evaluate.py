@@ -58,7 +58,7 @@ from cxrgaze.evaluation.saliency import average_by_map
 from cxrgaze.evaluation.sanity import generator_map_fn, sanity_check
 from cxrgaze.evaluation.scores import FILENAME as SCORES_FILE
 from cxrgaze.evaluation.scores import SplitScores, load_scores, save_scores, split_from_logits
-from cxrgaze.losses import parse_variant
+from cxrgaze.variants import parse_variant
 from cxrgaze.metrics import auc_summary
 from cxrgaze.models import GazeNet, build_model
 from cxrgaze.predict import predict_logits, scoring_rule
@@ -126,11 +126,6 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tu
 
 SANITY_PREFIX = {"val": "val_sanity_generator_", "test": "sanity_generator_"}
 """Metric prefixes of the generator sanity checks per split (the registry gates on validation's)."""
-
-
-def generator_rule(variant: str) -> str:
-    """The generator a variant trains with; ``gbp`` for baseline and unet (a common diagnostic)."""
-    return parse_variant(variant).rule or "gbp"
 
 
 def calibration_metrics(prefix: str, y: np.ndarray, scores: np.ndarray, cfg: EvalConfig) -> dict[str, float]:
@@ -291,7 +286,7 @@ def evaluate(
     tables = []
     for split, (data, probs) in split_data.items():  # val: the registry's evidence; test: the report's
         pred = torch.from_numpy(probs.argmax(1))
-        maps = compute_heatmaps(model, data.images, pred, generator_rule(variant), device, cfg.batch_size)
+        maps = compute_heatmaps(model, data.images, pred, spec.generator, device, cfg.batch_size)
         if not spec.trains_mask:
             maps["mask"] = None  # baseline has no decoder; set 1's is never trained, so its mask means nothing
         table = saliency_table(maps, data, prepared_dir)
@@ -304,7 +299,7 @@ def evaluate(
                                                 lineterminator="\n")
     sanity = {}
     for split, (data, probs) in split_data.items():  # val: the registry's evidence; test: the report's
-        result = sanity_check(model, generator_map_fn(generator_rule(variant)), data.images,
+        result = sanity_check(model, generator_map_fn(spec.generator), data.images,
                               torch.from_numpy(probs.argmax(1)), classes=data.labels, n_images=cfg.sanity_images,
                               seed=cfg.seed, batch_size=cfg.batch_size)
         metrics.update(result.to_metrics(SANITY_PREFIX[split]))

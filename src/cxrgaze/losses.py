@@ -1,4 +1,5 @@
-"""The objectives of the baseline, the U-Net and the paper's experiment sets 1-3.
+"""The objectives of the baseline, the U-Net, the paper's experiment sets 1-3 and
+"right for the right reasons".
 
 Notation (DESIGN.md): ``L_cls`` classification loss, ``M`` decoder mask logits, ``G``
 gaze heatmap in [0, 1], ``H`` generator heatmap in [0, 1], ``L_s`` a heatmap loss.
@@ -8,25 +9,50 @@ variant        loss                                                  model
 ============== ===================================================== =================
 ``baseline``   ``L_cls``                                             encoder + head
 ``unet``       ``g L_cls + (1-g) L_s(M, G)``                         U-Net
-``set1-R``     ``g L_cls + (1-g) L_s(H, G)``                         U-Net (no decoder pass)
+``set1-R``     ``g L_cls + (1-g) L_H(H, G)``                         U-Net (no decoder pass)
 ``set2-R``     ``g L_cls + (1-g) L_s(M, H)`` (H detached by default) U-Net
-``set3-R``     ``g L_cls + (1-g) (a L_s(M, G) + (1-a) L_s(H, G))``   U-Net
+``set3-R``     ``g L_cls + (1-g) (a L_s(M, G) + (1-a) L_H(H, G))``   U-Net
+``rrr-R``      ``L_cls + l R(A, G)``                                 encoder + head
 ============== ===================================================== =================
 
-``R`` is the generator rule: ``gbp``, ``deconv`` or ``grad`` (plain input gradient, a
-"right for the right reasons" row). ``g`` is ``LossConfig.gamma`` and ``a`` ``alpha``.
+``R`` is the generator rule: ``gbp``, ``deconv`` or ``grad`` (plain input gradient).
+``g`` is ``LossConfig.gamma``, ``a`` ``alpha``, ``l`` ``rrr_weight``
+(:mod:`cxrgaze.variants` is the table's home).
+
+The generator-vs-gaze loss ``L_H(H, G) = L_s(H, G) + b_mass mass(H, G) + b_out out(H, G)``
+has two optional terms (weights ``mass_weight`` and ``outside_weight``, 0 by default, so
+that ``L_H = L_s`` as in the paper). They exist because a pixel-mean ``L_s`` of a
+max-normalised map barely changes when a small shortcut (the synthetic marker: 16 of
+4096 pixels) lights up:
+
+- ``mass(H, G) = sum H (1 - G) / sum H``: the share of the map's mass outside the gaze
+  (:func:`outside_mass`), scale-free, 0 when all the map lies where the radiologist looked;
+- ``out(H, G) = mean ((1 - G) H)^2``: an "outside-gaze" penalty (:func:`outside_penalty`),
+  the map analogue of Ross et al.'s term.
+
+("KL from the gaze distribution" is ``map_loss: kl``.)
+
+``rrr-R`` is Ross, Hughes and Doshi-Velez 2017, "Right for the right reasons":
+``R(A, G) = sum_pixels ((1 - G) A)^2`` averaged over images, ``A`` the attribution under
+rule ``R`` of the summed log-probabilities ``sum_k log p_k`` of each image (its own, as
+every generator map here; ``p`` the scores of ``cls_loss``: a sigmoid per class for
+``bce``, the softmax for ``ce``). Ross et al. use a binary mask of irrelevant pixels;
+``1 - G`` is its soft version. ``A`` is not normalised (the raw input gradient, as in the
+paper), so ``l`` is on the gradients' scale: Ross et al. pick it so that both terms are
+of the same order; tune it on a log scale.
+
 A term whose weight is 0 is not computed (so ``alpha=1`` is exactly ``unet``,
-``alpha=0`` exactly ``set1`` and ``gamma=1`` exactly ``L_cls``).
+``alpha=0`` exactly ``set1``, ``gamma=1`` exactly ``L_cls`` and ``rrr_weight=0``
+exactly ``baseline``'s loss).
 
 The forward pass is shared: one traced forward gives the class logits, the mask and
 the generator's gradient (``cxrgaze.explain.trace``); the generator's call uses
-``create_graph=True`` only where its map is trained (sets 1 and 3, set 2 undetached).
+``create_graph=True`` only where its map is trained (sets 1 and 3, set 2 undetached, rrr).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Mapping, NamedTuple
 
 import torch
@@ -34,72 +60,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cxrgaze.config import LossConfig
-from cxrgaze.explain import RULES, generator_maps, trace
+from cxrgaze.explain import generator_maps, trace
 from cxrgaze.models import class_logits, split_outputs
-
-VARIANTS: tuple[str, ...] = (
-    "baseline",
-    "unet",
-    "set1-gbp",
-    "set1-deconv",
-    "set2-gbp",
-    "set2-deconv",
-    "set3-gbp",
-    "set3-deconv",
-    "set3-grad",
-)
-"""The variants of the pipeline: the paper's table plus a plain-gradient set-3 row.
-``parse_variant`` also accepts any ``set{1,2,3}-{gbp,deconv,grad}``."""
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A parsed variant name: its objective (``baseline``, ``unet``, ``set1``-``set3``)
-    and generator rule (``None`` for baseline and unet)."""
-
-    name: str
-    objective: str
-    rule: str | None
-
-    @property
-    def has_decoder(self) -> bool:
-        """Whether the variant's model is a U-Net (everything but ``baseline``)."""
-        return self.objective != "baseline"
-
-    @property
-    def loss_weights(self) -> tuple[str, ...]:
-        """The ``loss`` weights this variant's objective uses (what tuning may search):
-        none for ``baseline``, ``gamma`` for ``unet`` and sets 1-2, ``alpha`` and ``gamma``
-        for set 3."""
-        if self.objective == "baseline":
-            return ()
-        return ("alpha", "gamma") if self.objective == "set3" else ("gamma",)
-
-    @property
-    def trains_mask(self) -> bool:
-        """Whether a loss term trains the decoder mask (``unet``, sets 2 and 3); set 1's
-        decoder is never trained, so its mask means nothing."""
-        return self.objective in ("unet", "set2", "set3")
-
-    @property
-    def trains_generator(self) -> bool:
-        """Whether a loss term pulls the generator map toward the gaze (sets 1 and 3).
-        For ``baseline`` and ``unet`` the generator map is a diagnostic only."""
-        return self.objective in ("set1", "set3")
-
-
-def parse_variant(name: str) -> Variant:
-    """``"set3-gbp"`` -> ``Variant("set3-gbp", "set3", "gbp")``; a clear error otherwise."""
-    if name in ("baseline", "unet"):
-        return Variant(name, name, None)
-    objective, _, rule = name.partition("-")
-    if objective in ("set1", "set2", "set3") and rule in RULES:
-        return Variant(name, objective, rule)
-    raise ValueError(
-        f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)} "
-        f"(or set1/set2/set3 with any of {', '.join(RULES)})"
-    )
-
+from cxrgaze.variants import VARIANTS, Variant, parse_variant  # noqa: F401  (re-exported)
 
 class LossOutput(NamedTuple):
     """Everything one objective evaluation produced."""
@@ -108,13 +71,15 @@ class LossOutput(NamedTuple):
     """The scalar to backpropagate."""
     terms: dict[str, Tensor]
     """Detached scalars for logging: ``loss``, ``cls`` and, where computed,
-    ``mask_gaze`` (L_s(M, G)), ``gen_gaze`` (L_s(H, G)), ``mask_gen`` (L_s(M, H))."""
+    ``mask_gaze`` (L_s(M, G)), ``gen_gaze`` (L_H(H, G)), ``mask_gen`` (L_s(M, H)),
+    ``gen_mass`` and ``gen_outside`` (the unweighted optional terms of L_H), ``rrr``
+    (R(A, G))."""
     class_logits: Tensor
     """(B, K)"""
     mask_logits: Tensor | None
     """(B, 1, H, W) where the decoder ran."""
     generator_map: Tensor | None
-    """(B, 1, H, W) generator heatmap H in [0, 1] where a generator ran."""
+    """(B, 1, H, W) generator heatmap H in [0, 1] where a generator map was computed."""
 
 
 def classification_loss(logits: Tensor, label: Tensor, kind: str = "bce") -> Tensor:
@@ -177,6 +142,60 @@ def _distribution(maps: Tensor, eps: float) -> Tensor:
     return flat / flat.sum(dim=1, keepdim=True)
 
 
+def outside_mass(maps: Tensor, gaze: Tensor, eps: float = 1e-6) -> Tensor:
+    """Share of each map's mass outside the gaze, ``sum H (1 - G) / sum H``: (B,) in [0, 1].
+
+    ``maps`` (B, 1, H, W) non-negative, ``gaze`` (B, 1, H, W) in [0, 1]. An all-zero map
+    has no mass to place and scores 0. Computed in float32.
+    """
+    if maps.shape != gaze.shape:
+        raise ValueError(f"map shapes differ: {tuple(maps.shape)} vs {tuple(gaze.shape)}")
+    h = maps.float().flatten(1).clamp_min(0)  # (B, N)
+    outside = 1 - gaze.float().flatten(1)  # (B, N)
+    return (h * outside).sum(dim=1) / (h.sum(dim=1) + eps)
+
+
+def outside_penalty(maps: Tensor, gaze: Tensor) -> Tensor:
+    """``mean_pixels ((1 - G) H)^2`` of each map: (B,). Computed in float32."""
+    if maps.shape != gaze.shape:
+        raise ValueError(f"map shapes differ: {tuple(maps.shape)} vs {tuple(gaze.shape)}")
+    return ((1 - gaze.float()) * maps.float()).flatten(1).pow(2).mean(dim=1)
+
+
+def generator_gaze_loss(maps: Tensor, gaze: Tensor, cfg: LossConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """``L_H(H, G) = L_s(H, G) + mass_weight mass(H, G) + outside_weight out(H, G)`` (the
+    module docstring) and its unweighted optional terms for logging."""
+    total = map_loss(maps, gaze, cfg.map_loss, eps=cfg.eps)
+    parts = {}
+    if cfg.mass_weight > 0:
+        parts["gen_mass"] = outside_mass(maps, gaze, cfg.eps).mean()
+        total = total + cfg.mass_weight * parts["gen_mass"]
+    if cfg.outside_weight > 0:
+        parts["gen_outside"] = outside_penalty(maps, gaze).mean()
+        total = total + cfg.outside_weight * parts["gen_outside"]
+    return total, parts
+
+
+def log_probability_gradient(logits: Tensor, cls_loss: str) -> Tensor:
+    """``d (sum_k log p_k) / d logits`` (B, K), ``p`` the scores of ``cls_loss``:
+    ``1 - sigmoid(z)`` for ``bce`` (a sigmoid per class), ``1 - K softmax(z)`` for ``ce``.
+    Differentiable (it depends on the parameters through the logits)."""
+    logits = logits.float()
+    if cls_loss == "bce":
+        return 1 - torch.sigmoid(logits)
+    if cls_loss == "ce":
+        return 1 - logits.shape[1] * torch.softmax(logits, dim=1)
+    raise ValueError(f"classification loss must be 'bce' or 'ce', got {cls_loss!r}")
+
+
+def rrr_penalty(attribution: Tensor, gaze: Tensor) -> Tensor:
+    """Ross et al.'s ``sum_pixels ((1 - G) A)^2`` of each image: (B,). ``attribution``
+    (B, C, H, W) is summed over channels' squares; ``gaze`` (B, 1, H, W) in [0, 1]."""
+    if attribution.shape[0] != gaze.shape[0] or attribution.shape[2:] != gaze.shape[2:]:
+        raise ValueError(f"attribution {tuple(attribution.shape)} and gaze {tuple(gaze.shape)} differ")
+    return ((1 - gaze.float()) * attribution.float()).pow(2).flatten(1).sum(dim=1)
+
+
 def objective(
     model: nn.Module,
     batch: Mapping[str, Tensor],
@@ -200,17 +219,19 @@ def objective(
     image, gaze, label = batch["image"], batch["gaze"], batch["label"]
     target = label if label.ndim == 1 else label.argmax(dim=1)  # (B,)
 
-    gamma = 1.0 if spec.objective == "baseline" else cfg.gamma
+    gamma = 1.0 if spec.objective in ("baseline", "rrr") else cfg.gamma
     rest = 1.0 - gamma
     w_mask_gaze = rest * {"unet": 1.0, "set3": cfg.alpha}.get(spec.objective, 0.0)
     w_gen_gaze = rest * {"set1": 1.0, "set3": 1.0 - cfg.alpha}.get(spec.objective, 0.0)
     w_mask_gen = rest * (1.0 if spec.objective == "set2" else 0.0)
+    w_rrr = cfg.rrr_weight if spec.objective == "rrr" else 0.0
     need_mask = w_mask_gaze > 0 or w_mask_gen > 0
     need_map = spec.rule is not None and (w_gen_gaze > 0 or w_mask_gen > 0)
     train_map = w_gen_gaze > 0 or (w_mask_gen > 0 and not cfg.detach_generator_target)
+    traced = need_map or w_rrr > 0
 
-    x = image.detach().requires_grad_(True) if need_map else image
-    with trace(model) if need_map else contextlib.nullcontext() as tr:
+    x = image.detach().requires_grad_(True) if traced else image
+    with trace(model) if traced else contextlib.nullcontext() as tr:
         if need_mask:
             mask_logits, logits = split_outputs(model(x))
             if mask_logits is None:
@@ -228,12 +249,19 @@ def objective(
         terms["mask_gaze"] = map_loss(mask_logits, gaze, cfg.map_loss, logits=True, eps=cfg.eps)
         total = total + w_mask_gaze * terms["mask_gaze"]
     if w_gen_gaze > 0:
-        terms["gen_gaze"] = map_loss(h, gaze, cfg.map_loss, eps=cfg.eps)
+        terms["gen_gaze"], parts = generator_gaze_loss(h, gaze, cfg)
+        terms.update(parts)
         total = total + w_gen_gaze * terms["gen_gaze"]
     if w_mask_gen > 0:
         goal = h.detach() if cfg.detach_generator_target else h
         terms["mask_gen"] = map_loss(mask_logits, goal, cfg.map_loss, logits=True, eps=cfg.eps)
         total = total + w_mask_gen * terms["mask_gen"]
+    if w_rrr > 0:  # the attribution of each image's summed log-probabilities, from the same forward
+        with torch.enable_grad():
+            attribution = tr.attribute(logits, x, target, spec.rule, create_graph=True,
+                                       output_grad=log_probability_gradient(logits, cfg.cls_loss))
+        terms["rrr"] = rrr_penalty(attribution, gaze).mean()
+        total = total + w_rrr * terms["rrr"]
     terms = {"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}}
     return LossOutput(total, terms, logits, mask_logits, h)
 

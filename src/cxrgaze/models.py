@@ -24,6 +24,7 @@ from segmentation_models_pytorch.base.heads import ClassificationHead
 from torch import Tensor, nn
 
 from cxrgaze.config import ModelConfig
+from cxrgaze.variants import parse_variant
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -121,8 +122,9 @@ def class_logits(model: nn.Module, x: Tensor) -> Tensor:
 def build_model(config: ModelConfig | None = None, variant: str = "unet") -> GazeNet:
     """Build the model that ``config`` describes (the defaults give the reference U-Net).
 
-    ``variant`` ``baseline`` gives the encoder and classification head without decoder;
-    every other variant (``unet``, ``set1-gbp``, ...) gives the U-Net.
+    The variant decides whether there is a decoder (:attr:`cxrgaze.variants.Variant.has_decoder`):
+    ``baseline`` and ``rrr-*`` give the encoder and classification head, every other variant
+    (``unet``, ``set1-gbp``, ...) the U-Net.
 
     ``config.encoder`` is any ``segmentation_models_pytorch`` encoder name (for example
     ``efficientnet-b0``, ``timm-efficientnet-b0``, ``resnet18``, ``tu-<timm name>``).
@@ -141,7 +143,7 @@ def build_model(config: ModelConfig | None = None, variant: str = "unet") -> Gaz
     local = weights is not None and _is_weights_path(weights)
     named = None if local else weights
     try:
-        if variant != "baseline":
+        if parse_variant(variant).has_decoder:
             unet = smp.Unet(
                 encoder_name=config.encoder,
                 encoder_weights=named,

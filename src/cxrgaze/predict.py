@@ -56,3 +56,20 @@ def predict_logits(model: nn.Module, images: Tensor, device: torch.device | str,
     out = [class_logits(model, images[i:i + batch_size].to(device, torch.float32)).float().cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def generator_outside_mass(model: nn.Module, images: Tensor, gaze: Tensor, targets: Tensor, rule: str,
+                           device: torch.device | str, batch_size: int = 64) -> Tensor:
+    """Share of each image's generator map mass outside its gaze (N,) in [0, 1]
+    (:func:`cxrgaze.losses.outside_mass` of :func:`cxrgaze.explain.generator_maps`), in eval
+    mode, explaining ``targets`` (N,); on the CPU in float32."""
+    from cxrgaze.explain import generator_maps
+    from cxrgaze.losses import outside_mass
+
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device, torch.float32)
+        maps = generator_maps(model, x, targets[i:i + batch_size].to(device), rule).detach()
+        out.append(outside_mass(maps, gaze[i:i + batch_size].to(device, torch.float32)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)

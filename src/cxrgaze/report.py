@@ -402,7 +402,7 @@ def _seeds(report: Report) -> list[str]:
 
 def _map_role(variant: str, name: str) -> str:
     """Whether a loss term trains this map of this variant, or it is only looked at."""
-    from cxrgaze.losses import parse_variant
+    from cxrgaze.variants import parse_variant
 
     spec = parse_variant(variant)
     if name == "gradcam":
@@ -456,7 +456,7 @@ def _sanity(report: Report) -> list[str]:
 
 
 def _tuning(report: Report) -> list[str]:
-    from cxrgaze.losses import parse_variant
+    from cxrgaze.variants import parse_variant
 
     weighted = [v for v in report.variants if parse_variant(v).loss_weights]
     tuned = [v for v in weighted if v in report.tuning]

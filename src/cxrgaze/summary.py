@@ -75,7 +75,7 @@ def _print_results(results_md: Path, register_json: Path) -> None:
 
 def _print_training(train_root: Path) -> None:
     """Best validation metrics of every trained variant (mean over seeds), in params order."""
-    from cxrgaze.config import VARIANTS
+    from cxrgaze.variants import VARIANTS
 
     rows = []
     for path in sorted(train_root.glob("*/seed*/metrics.json")):

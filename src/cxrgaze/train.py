@@ -4,8 +4,10 @@ The CLI, the DVC stage, the Optuna objective and the tests all call :func:`train
 
 What a run guarantees:
 
-* The checkpoint kept as ``best.pt`` is the epoch with the best *validation* macro AUC
-  (ties: the earlier epoch); test data is never seen here.
+* The checkpoint kept as ``best.pt`` is the epoch with the best ``val_selection``: the
+  *validation* macro AUC, minus ``train.selection_gaze_weight`` times the generator map's
+  mass outside the gaze on validation when that weight is set (ties: the earlier epoch);
+  test data is never seen here.
 * ``last.pt`` is written atomically at the end of every epoch with the model, optimizer,
   scheduler and RNG state. A killed run started again with the same config resumes from
   it and, on CPU, finishes with exactly the result of an uninterrupted run: the batch
@@ -44,8 +46,9 @@ from cxrgaze.distributed import (DistContext, all_reduce_, all_reduce_gradients,
 from cxrgaze.losses import compute_loss
 from cxrgaze.metrics import auc_summary
 from cxrgaze.models import build_model
-from cxrgaze.predict import predict_logits, scores_from_logits
+from cxrgaze.predict import generator_outside_mass, predict_logits, scores_from_logits
 from cxrgaze.runtime import resolve_device, seed_everything
+from cxrgaze.variants import parse_variant
 
 CHECKPOINT_FORMAT = 1
 
@@ -159,6 +162,26 @@ def evaluate_split(model: nn.Module, data: SplitTensors, device: torch.device, p
     ``cls_loss`` (:func:`cxrgaze.predict.scores_from_logits`)."""
     scores = scores_from_logits(predict_logits(model, data.images, device, batch_size), cls_loss)
     return auc_summary(data.labels.numpy(), scores.numpy(), prefix=prefix)
+
+
+def validation_record(model: nn.Module, data: SplitTensors, device: torch.device, config: RunConfig) -> dict[str, float]:
+    """One epoch's validation metrics: the AUCs (:func:`evaluate_split`), ``val_outside_mass``
+    (the mean share of the generator map's mass outside the gaze, explaining the true class)
+    and ``val_selection``, the score that checkpoint selection and tuning maximise
+    (``TrainConfig.selection_gaze_weight``)."""
+    record = evaluate_split(model, data, device, prefix="val_", cls_loss=config.loss.cls_loss,
+                            batch_size=config.train.eval_batch_size)
+    mass = generator_outside_mass(model, data.images, data.gaze, data.labels, parse_variant(config.train.variant).generator,
+                                  device, config.train.eval_batch_size)
+    record["val_outside_mass"] = float(mass.mean())
+    record["val_selection"] = selection_score(record["val_auc_macro"], record["val_outside_mass"],
+                                              config.train.selection_gaze_weight)
+    return record
+
+
+def selection_score(auc: float, outside_mass: float, gaze_weight: float) -> float:
+    """``auc - gaze_weight * outside_mass`` (``auc`` alone when the weight is 0)."""
+    return auc - gaze_weight * outside_mass if gaze_weight > 0 else auc
 
 
 def train(
@@ -281,15 +304,14 @@ def train(
         bar.close()
         record: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         record.update({f"train_{k}": s / len(train_data) for k, s in sums.items()})
-        val = evaluate_split(model, val_data, device, prefix="val_", cls_loss=config.loss.cls_loss,
-                             batch_size=cfg.eval_batch_size) if ctx.is_main else None
+        val = validation_record(model, val_data, device, config) if ctx.is_main else None
         record.update(broadcast_object(val))  # rank 0 evaluates; every rank agrees on the best epoch
         if scheduler is not None:
             scheduler.step()
         record["seconds"] = time.perf_counter() - t0
         history.append(record)
-        score = record["val_auc_macro"]
-        improved = math.isfinite(score) and (best_epoch < 0 or score > best.get("val_auc_macro", -math.inf))
+        score = record["val_selection"]
+        improved = math.isfinite(score) and (best_epoch < 0 or score > best.get("val_selection", -math.inf))
         if improved or best_epoch < 0:
             best_epoch = epoch
             best = {k: v for k, v in record.items() if k.startswith("val_")}
@@ -307,7 +329,7 @@ def train(
             }, last_path)
         if progress and ctx.is_main:
             tqdm.write(f"{cfg.variant} epoch {epoch + 1}/{cfg.epochs}: "
-                       + ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k.startswith(("train_", "val_auc_macro"))))
+                       + ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k.startswith(("train_", "val_auc_macro", "val_outside"))))
         for cb in callbacks:
             cb.on_epoch_end(record)
 
@@ -440,10 +462,12 @@ def resolve_run_config(params: dict[str, Any], variant: str, where: str = "param
     reference tuned the baseline and the U-Net separately). ``seed`` defaults to the first
     of :func:`run_seeds`.
     """
-    from cxrgaze.config import VARIANTS, ConfigError, from_mapping
+    from cxrgaze.config import ConfigError, from_mapping
 
-    if variant not in VARIANTS:
-        raise ConfigError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    try:
+        parse_variant(variant)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     overrides = dict((params.get("variants") or {}).get(variant) or {})
     unknown = sorted(set(overrides) - {"model", "loss", "train"})
     if unknown:

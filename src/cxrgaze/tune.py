@@ -2,14 +2,18 @@
 
 Set 3's heatmap loss is ``alpha * L(mask, gaze) + (1 - alpha) * L(generator, gaze)``; the
 paper treats ``alpha`` as a hyperparameter, and ``gamma`` weighs classification against the
-heatmap loss in every variant but ``baseline``. One Optuna study per tuned variant (named
-``<tune.study_prefix>-<variant>``) maximises the best validation macro AUC of a short
-training run (``tune.epochs``) over the part of ``params.yaml: tune.space`` that the variant
-uses (:func:`variant_space`: ``alpha`` for set 3 only, ``gamma`` for all but ``baseline``,
-``lr`` for all), with a seeded TPE sampler and a median pruner fed the per-epoch validation
-AUC. Tuning only set 3 over an ``alpha`` range that contains ``unet`` (1) and set 1 (0)
+heatmap loss in the U-Net variants. One Optuna study per tuned variant (named
+``<tune.study_prefix>-<variant>``) maximises the best ``val_selection`` of a short training
+run (``tune.epochs``): the validation macro AUC, less ``train.selection_gaze_weight`` times
+the generator map's mass outside the gaze (:func:`cxrgaze.train.validation_record`; the
+AUC alone by default), the same score that selects the kept checkpoint. The search covers
+the part of ``params.yaml: tune.space`` that the variant uses (:func:`variant_space`, from
+:attr:`cxrgaze.variants.Variant.loss_weights`: ``alpha`` for set 3, ``gamma`` for the U-Net
+variants, ``mass_weight`` and ``outside_weight`` for sets 1 and 3, ``rrr_weight`` for
+``rrr-*``, ``lr`` for all), with a seeded TPE sampler and a median pruner fed the per-epoch
+score. Tuning only set 3 over an ``alpha`` range that contains ``unet`` (1) and set 1 (0)
 gives set 3 a budget the others lack: for a fair comparison, list every variant in
-``tune.variants`` with ``gamma`` in the space (the ``study`` profile). The best values go to
+``tune.variants`` with each one's weights in the space (the ``study`` profile). The best values go to
 ``outputs/tune/best.yaml`` as per-variant overrides, which the ``train@<variant>`` stages
 merge into their config (:func:`load_tuned`, :func:`merge_overrides`); trials never
 produce the final models.
@@ -67,9 +71,13 @@ import yaml
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
-from cxrgaze.config import VARIANTS, ConfigError, from_mapping
+from cxrgaze.config import ConfigError, from_mapping
+from cxrgaze.variants import VARIANTS, parse_variant
 
-SPACE_TARGETS: dict[str, tuple[str, str]] = {"alpha": ("loss", "alpha"), "gamma": ("loss", "gamma"), "lr": ("train", "lr")}
+SPACE_TARGETS: dict[str, tuple[str, str]] = {
+    "alpha": ("loss", "alpha"), "gamma": ("loss", "gamma"), "mass_weight": ("loss", "mass_weight"),
+    "outside_weight": ("loss", "outside_weight"), "rrr_weight": ("loss", "rrr_weight"), "lr": ("train", "lr"),
+}
 """Search-space names and the ``params.yaml`` section and key each one sets."""
 
 TUNABLE_VARIANTS: tuple[str, ...] = VARIANTS
@@ -149,6 +157,9 @@ class TuneConfig:
         for name in ("alpha", "gamma"):
             if name in self.space and not 0.0 <= self.space[name].low < self.space[name].high <= 1.0:
                 raise ConfigError(f"tune.space.{name} must lie within [0, 1]")
+        for name in ("mass_weight", "outside_weight", "rrr_weight"):
+            if name in self.space and self.space[name].low < 0:
+                raise ConfigError(f"tune.space.{name} must be non-negative")
         for variant in self.variants:
             if self.space and not variant_space(self.space, variant):
                 raise ConfigError(f"tune.variants: {variant} uses none of tune.space ({', '.join(self.space)}); "
@@ -161,10 +172,8 @@ class TuneConfig:
 
 def variant_space(space: Mapping[str, SearchRange], variant: str) -> dict[str, SearchRange]:
     """The part of ``space`` that ``variant`` uses: a loss weight only where the variant's
-    objective has it (``alpha``: set 3; ``gamma``: all but ``baseline``), ``lr`` always. So one
+    objective has it (:attr:`cxrgaze.variants.Variant.loss_weights`), ``lr`` always. So one
     ``tune.space`` gives every variant the same budget over its own weights."""
-    from cxrgaze.losses import parse_variant
-
     weights = set(parse_variant(variant).loss_weights)
     return {name: r for name, r in space.items() if SPACE_TARGETS[name][0] != "loss" or name in weights}
 
@@ -470,17 +479,19 @@ def _gate(cfg: TuneConfig, name: str) -> _FileGate | _PostgresGate:
 
 
 class _PruningCallback:
-    """Training callback: report each epoch's validation macro AUC; stop a trial the median
+    """Training callback: report each epoch's ``val_selection`` (the validation macro AUC,
+    less the gaze term when ``train.selection_gaze_weight`` is set); stop a trial the median
     pruner judges worse than the earlier ones."""
 
     def __init__(self, trial: optuna.Trial) -> None:
         self.trial = trial
 
     def on_epoch_end(self, record: dict[str, Any]) -> None:
-        value, epoch = record["val_auc_macro"], int(record["epoch"])
+        value, epoch = record["val_selection"], int(record["epoch"])
         self.trial.report(value, epoch)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"epoch {epoch + 1}: val macro AUC {value:.4f} is below the median of earlier trials")
+            raise optuna.TrialPruned(f"epoch {epoch + 1}: validation selection score {value:.4f} is below the median "
+                                     "of earlier trials")
 
 
 def _training_fingerprint(params: Mapping[str, Any], cfg: TuneConfig, variant: str) -> dict[str, str]:
@@ -612,13 +623,14 @@ class _Worker:
             with tempfile.TemporaryDirectory(prefix=f"cxrgaze-tune-{self.variant}-{trial.number}-") as out:
                 result = train(config, self.prepared, self.split_csv, out, callbacks=[EpochLogger(run_id), _PruningCallback(trial)],
                                progress=False, resume=False)
-            value = float(result.best.get("val_auc_macro", math.nan))
+            value = float(result.best.get("val_selection", math.nan))
             if math.isfinite(value):
                 state, status = TrialState.COMPLETE, "FINISHED"
-                self.client.log_metric(run_id, "best_val_auc_macro", value)
+                for key in ("val_selection", "val_auc_macro", "val_outside_mass"):
+                    self.client.log_metric(run_id, f"best_{key}", float(result.best.get(key, math.nan)))
                 self.client.log_metric(run_id, "best_epoch", result.best_epoch)
             else:
-                self.client.set_tag(run_id, "cxrgaze.error", "validation macro AUC is not finite")
+                self.client.set_tag(run_id, "cxrgaze.error", "validation selection score is not finite")
             return value
         except optuna.TrialPruned as exc:
             state, status = TrialState.PRUNED, "KILLED"

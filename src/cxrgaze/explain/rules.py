@@ -43,8 +43,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from cxrgaze.variants import GENERATOR_RULES
+
 Rule = Literal["grad", "gbp", "deconv"]
-RULES: tuple[str, ...] = ("grad", "gbp", "deconv")
+RULES: tuple[str, ...] = GENERATOR_RULES
+"""The rules implemented here: the ones a variant name may carry (:mod:`cxrgaze.variants`)."""
 
 _aten = torch.ops.aten
 

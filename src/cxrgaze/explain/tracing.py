@@ -182,6 +182,7 @@ class Trace:
         target: Tensor,
         rule: str,
         create_graph: bool = False,
+        output_grad: Tensor | None = None,
     ) -> Tensor:
         """Gradient of the ``target`` class logits with respect to ``inputs`` under ``rule``.
 
@@ -196,6 +197,13 @@ class Trace:
         so that a loss on the same forward can still be backpropagated. With
         ``create_graph=True`` the result is differentiable with respect to the parameters.
         Returns a tensor shaped like ``inputs``.
+
+        ``output_grad`` (B, K), instead of ``target``: the gradient of a per-image function of
+        the logits with respect to them (row ``i``: ``d f_i / d logits_i``), so that the result
+        is the attribution of ``f_i``; for example ``1 - sigmoid(logits)`` attributes the summed
+        log-probabilities of a per-class sigmoid ("right for the right reasons",
+        :func:`cxrgaze.losses.log_probability_gradient`). It may depend on the parameters:
+        with ``create_graph=True`` that dependence is differentiated too.
         """
         if rule not in RULES:
             raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
@@ -211,13 +219,19 @@ class Trace:
             )
         if class_logits.ndim != 2:
             raise ValueError(f"class logits must be (B, K), got {tuple(class_logits.shape)}")
-        index = target.to(class_logits.device, torch.long).view(-1, 1)  # (B, 1)
-        selected = class_logits.gather(1, index).sum()
+        if output_grad is not None and output_grad.shape != class_logits.shape:
+            raise ValueError(f"output_grad must be shaped like the logits {tuple(class_logits.shape)}, "
+                             f"got {tuple(output_grad.shape)}")
+        if output_grad is None:
+            index = target.to(class_logits.device, torch.long).view(-1, 1)  # (B, 1)
+            selected, grad_outputs = class_logits.gather(1, index).sum(), None
+        else:
+            selected, grad_outputs = class_logits, output_grad.to(class_logits.dtype)
         self.switch.rule = None if rule == "grad" else rule
         self.switch.generating = True
         try:
             (grad,) = torch.autograd.grad(
-                selected, inputs, create_graph=create_graph, retain_graph=True
+                selected, inputs, grad_outputs=grad_outputs, create_graph=create_graph, retain_graph=True
             )
         finally:
             self.switch.rule = None

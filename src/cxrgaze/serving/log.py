@@ -25,6 +25,7 @@ from cxrgaze.config import DataConfig
 from cxrgaze.serving.model import (ARTIFACT_CHECKPOINT, ARTIFACT_CONFIG, INPUT_COLUMN, default_heatmap, output_columns,
                                    write_config)
 from cxrgaze.serving.preprocess import Limits
+from cxrgaze.variants import variant_of
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 """The ``cxrgaze`` package folder, logged with the model as its code."""
@@ -81,7 +82,7 @@ def log_model(checkpoint: Path, data_config: DataConfig, input_example: bytes | 
     from cxrgaze.train import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
-    has_decoder = ckpt["config"]["train"]["variant"] != "baseline"
+    has_decoder = variant_of(ckpt["config"]).has_decoder
     example = pd.DataFrame({INPUT_COLUMN: [base64.b64encode(input_example).decode("ascii")]})
     with tempfile.TemporaryDirectory(prefix="cxrgaze-serving-") as tmp:
         config = write_config(Path(tmp) / "serving_config.json", data_config, CLASSES, limits)
