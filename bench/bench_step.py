@@ -40,7 +40,8 @@ from typing import Any
 import torch
 
 from cxrgaze.config import LossConfig, ModelConfig
-from cxrgaze.losses import VARIANTS, compute_loss
+from cxrgaze.losses import compute_loss
+from cxrgaze.variants import VARIANTS, parse_variant
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
@@ -97,7 +98,7 @@ def apply_ablations(names: set[str]) -> None:
         def two_pass(model, batch, variant, cfg=None):  # noqa: ANN001, ANN202
             """The loss's forward untraced; the generator runs its own traced forward."""
             spec = L.parse_variant(variant)
-            if spec.rule is None:
+            if spec.rule is None or spec.objective == "rrr":  # rrr's penalty has no two-pass form here
                 return original(model, batch, variant, cfg)
             cfg = cfg or LossConfig()
             image, gaze, label = batch["image"], batch["gaze"], batch["label"]
@@ -123,6 +124,11 @@ def apply_ablations(names: set[str]) -> None:
 
 
 # --- one step ------------------------------------------------------------------------
+def _kind(variant: str) -> str:
+    """The architecture a variant trains: ``unet`` (decoder) or ``baseline`` (encoder + head)."""
+    return "unet" if parse_variant(variant).has_decoder else "baseline"
+
+
 class Stepper:
     """Models, optimizers and a fixed synthetic batch; ``step(variant)`` runs one step."""
 
@@ -134,7 +140,7 @@ class Stepper:
         config = ModelConfig(encoder=args.encoder)
         self.models: dict[str, torch.nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        for kind in {"baseline" if v == "baseline" else "unet" for v in args.variants}:
+        for kind in {_kind(v) for v in args.variants}:
             model = build_model(config, variant=kind).to(self.device).train()
             self.models[kind] = model
             self.optimizers[kind] = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -158,7 +164,7 @@ class Stepper:
         """Seconds of one training step of ``variant``: ``wall``, process ``cpu``, and the
         wall-clock parts ``forward`` (forward and loss terms), ``generator`` (the
         generator's gradient call) and ``backward`` (backward and optimizer step)."""
-        kind = "baseline" if variant == "baseline" else "unet"
+        kind = _kind(variant)
         model, optimizer = self.models[kind], self.optimizers[kind]
         self.sync()
         _GENERATOR_SECONDS[0] = 0.0

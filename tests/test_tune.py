@@ -222,3 +222,30 @@ def test_merge_overrides_puts_tuned_values_over_the_variants_own():
 def test_bad_tune_sections_are_refused(tune, message):
     with pytest.raises(ConfigError, match=message):
         tune_config({"tune": tune})
+
+
+def test_gaze_aware_objective_and_rrr_weight_search(tiny_prepared, tracking, tmp_path):
+    """With ``train.selection_gaze_weight`` the study maximises validation AUC minus the
+    generator's outside-gaze mass, the score that also picks the checkpoint; rrr-grad
+    searches its own weight, on a log scale."""
+    prepared, split = tiny_prepared
+    params = tiny_params(tmp_path, variants=["rrr-grad"], n_trials=2,
+                         space={"rrr_weight": {"low": 1e-6, "high": 1e-2, "log": True}})
+    params["train"] = {**params["train"], "selection_gaze_weight": 1.0}
+    params["variants"] = {**params["variants"], "rrr-grad": {"model": {"dropout": 0.0}}}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    assert cli_main(["tune", "--variant", "rrr-grad", "--params", str(path), "--prepared", str(prepared),
+                     "--split", str(split), "--out", str(tmp_path / "best.yaml")]) == 0
+    study = optuna.load_study(study_name="cxrgaze-rrr-grad", storage=params["tune"]["storage"])
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert all(1e-6 <= t.params["rrr_weight"] <= 1e-2 for t in trials)
+    for trial in trials:
+        run = tracking.get_run(trial.user_attrs[TRIAL_RUN_ATTR])
+        m = run.data.metrics
+        assert m["best_val_selection"] == pytest.approx(trial.value)
+        assert trial.value == pytest.approx(m["best_val_auc_macro"] - m["best_val_outside_mass"])
+        assert 0 < m["best_val_outside_mass"] <= 1
+    best = max(trials, key=lambda t: t.value)
+    assert yaml.safe_load((tmp_path / "best.yaml").read_text())["rrr-grad"] == {"loss": {"rrr_weight": best.params["rrr_weight"]}}

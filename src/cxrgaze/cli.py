@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from cxrgaze.config import ConfigError, DataConfig, SplitConfig, from_mapping, load_params
+from cxrgaze.variants import VARIANTS
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError, RuntimeError, OSError)
 """Exceptions that mean bad input or environment, reported as one line
@@ -65,7 +66,6 @@ def cmd_split(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from cxrgaze.experiment import train_tracked
     from cxrgaze.train import resolve_run_config, train
-    from cxrgaze.variants import VARIANTS
 
     params = load_params(args.params) if args.params else {}
     for key in ("epochs", "device", "batch_size", "lr"):
@@ -250,8 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
 
     p = add("train", cmd_train, "Train one variant (or all) on prepared arrays; checkpoints every epoch, resumable.")
-    p.add_argument("--variant", required=True, help="baseline, unet, set1-gbp, set1-deconv, set2-gbp, set2-deconv, "
-                   "set3-gbp, set3-deconv, set3-grad, or all")
+    p.add_argument("--variant", required=True, help=f"{', '.join(VARIANTS)}, or all")
     p.add_argument("--prepared", default="outputs/prepared", help="folder written by prepare (default outputs/prepared)")
     p.add_argument("--split", default="outputs/split.csv", help="split table (default outputs/split.csv)")
     p.add_argument("--out", required=True, help="checkpoint folder (with --variant all: one subfolder per variant)")
@@ -306,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model URI or local model folder (default models:/cxrgaze@champion)")
     p.add_argument("--out", default=None, help="folder for the overlay PNGs (none written without it)")
     p.add_argument("--heatmap", choices=("mask", "gbp", "gradcam", "none"), default=None,
-                   help="heatmap (default: mask for a U-Net, gbp for the baseline)")
+                   help="heatmap (default: mask for a U-Net, gbp for a model without decoder: baseline, rrr-*)")
     p.add_argument("--heatmap-size", type=int, default=None, help="heatmap side in pixels (default: the model's input size)")
 
     p = add("serve", cmd_serve, "Serve the registered champion over HTTP (mlflow models serve, --env-manager local).")
@@ -315,9 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     p.add_argument("--workers", type=int, default=None, help="server worker processes (default: MLflow's, 1)")
 
-    p = add("tune", cmd_tune, "Tune each variant's loss weights (params.yaml tune.space: set 3's alpha, gamma, lr) "
+    p = add("tune", cmd_tune, "Tune each variant's loss weights (params.yaml tune.space: gamma, set 3's alpha, the outside-gaze "
+            "terms, rrr_weight, lr) "
             "with Optuna; write the best values as per-variant overrides.")
-    from cxrgaze.variants import VARIANTS
 
     p.add_argument("--variant", required=True, choices=[*VARIANTS, "all"],
                    help="a variant, or all (those of tune.variants)")

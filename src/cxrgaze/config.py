@@ -15,7 +15,7 @@ from typing import Any, Mapping, TypeVar
 
 import yaml
 
-from cxrgaze.variants import VARIANTS, parse_variant
+from cxrgaze.variants import VARIANTS, parse_variant  # noqa: F401  (VARIANTS re-exported)
 
 T = TypeVar("T")
 
@@ -70,6 +70,11 @@ class SplitConfig:
         parts = (self.train, self.val, self.test)
         if any(p < 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6:
             raise ConfigError(f"split fractions must be non-negative and sum to 1, got {parts}")
+
+
+def _non_negative(value: Any) -> bool:
+    """A finite number >= 0 (not a bool, not a string)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def from_mapping(cls: type[T], mapping: Mapping[str, Any] | None, where: str = "") -> T:
@@ -190,7 +195,7 @@ class LossConfig:
     It is on the raw attributions' scale, which depends on the rule and the network: the
     default makes the penalty about as large as ``L_cls`` at initialisation for the plain
     gradient on the synthetic default (Ross et al.'s rule of thumb); guided backprop's
-    attributions are ~50x larger (``params.yaml`` sets ``rrr-gbp``'s own). Tune it on a log
+    penalty is ~50x larger there (``params.yaml`` sets ``rrr-gbp``'s own). Tune it on a log
     scale."""
 
     def __post_init__(self) -> None:
@@ -200,7 +205,7 @@ class LossConfig:
                 raise ConfigError(f"loss.{name} must be in [0, 1], got {value}")
         for name in ("mass_weight", "outside_weight", "rrr_weight"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            if not _non_negative(value):
                 raise ConfigError(f"loss.{name} must be a non-negative number, got {value!r}")
         if self.cls_loss not in ("bce", "ce"):
             raise ConfigError(f"loss.cls_loss must be 'bce' or 'ce', got {self.cls_loss!r}")
@@ -266,8 +271,7 @@ class TrainConfig:
             raise ConfigError(f"train.scheduler must be 'none' or 'cyclic', got {self.scheduler!r}")
         if self.amp is False or self.amp == "off":  # legacy spellings of fp32
             object.__setattr__(self, "amp", "fp32")
-        if not (isinstance(self.selection_gaze_weight, (int, float)) and math.isfinite(self.selection_gaze_weight)
-                and self.selection_gaze_weight >= 0):
+        if not _non_negative(self.selection_gaze_weight):
             raise ConfigError(f"train.selection_gaze_weight must be a non-negative number, got {self.selection_gaze_weight!r}")
         if self.amp not in ("fp32", "bf16"):
             raise ConfigError(f"train.amp must be 'fp32' or 'bf16', got {self.amp!r}")

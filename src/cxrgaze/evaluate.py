@@ -17,7 +17,7 @@ computes (every number is written to ``out_dir/metrics.json``):
 * ``{val,test}_sal_<map>_<metric>``: agreement of each heatmap with the radiologist's gaze,
   averaged over images, with ``_n`` (images averaged) and ``_nan`` (images without a
   value) beside each mean: maps ``mask`` (decoder; left out where no loss trains it, set
-  1, or there is none, baseline), ``generator`` (the variant's own rule; guided backprop
+  1, or there is none, baseline and rrr), ``generator`` (the variant's own rule; guided backprop
   for variants without one, so that every model gets the same diagnostic) and ``gradcam``;
   metrics CC, KL, SIM (the paper's), SIM (the benchmark's), NSS, AUC-Judd,
   ``finding_mass`` (share of the map inside the finding boxes) and ``marker_mass`` (inside
@@ -26,8 +26,9 @@ computes (every number is written to ``out_dir/metrics.json``):
 * ``sanity_generator_*`` (test) and ``val_sanity_generator_*`` (validation: the registry's
   evidence): the generator's sanity checks (:mod:`cxrgaze.evaluation.sanity`).
 
-Heatmaps explain the *predicted* class. Checkpoints are chosen on validation AUC during
-training; test cases are only read here.
+Heatmaps explain the *predicted* class. Checkpoints are chosen on validation during
+training (macro AUC, less ``train.selection_gaze_weight`` times the generator's mass
+outside the gaze when set); test cases are only read here.
 
 Outputs: ``metrics.json``, ``scores.npz`` (full-precision logits and scores,
 :mod:`cxrgaze.evaluation.scores`: what the report's paired tests read),
@@ -288,7 +289,7 @@ def evaluate(
         pred = torch.from_numpy(probs.argmax(1))
         maps = compute_heatmaps(model, data.images, pred, spec.generator, device, cfg.batch_size)
         if not spec.trains_mask:
-            maps["mask"] = None  # baseline has no decoder; set 1's is never trained, so its mask means nothing
+            maps["mask"] = None  # baseline and rrr have no decoder; set 1's is never trained, so its mask means nothing
         table = saliency_table(maps, data, prepared_dir)
         metrics.update(average_by_map(table, prefix=f"{split}_sal_"))
         tables.append(table.assign(split=split))

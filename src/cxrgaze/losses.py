@@ -219,12 +219,8 @@ def objective(
     image, gaze, label = batch["image"], batch["gaze"], batch["label"]
     target = label if label.ndim == 1 else label.argmax(dim=1)  # (B,)
 
-    gamma = 1.0 if spec.objective in ("baseline", "rrr") else cfg.gamma
-    rest = 1.0 - gamma
-    w_mask_gaze = rest * {"unet": 1.0, "set3": cfg.alpha}.get(spec.objective, 0.0)
-    w_gen_gaze = rest * {"set1": 1.0, "set3": 1.0 - cfg.alpha}.get(spec.objective, 0.0)
-    w_mask_gen = rest * (1.0 if spec.objective == "set2" else 0.0)
-    w_rrr = cfg.rrr_weight if spec.objective == "rrr" else 0.0
+    w = spec.term_weights(cfg.gamma, cfg.alpha, cfg.rrr_weight)
+    gamma, w_mask_gaze, w_gen_gaze, w_mask_gen, w_rrr = w.cls, w.mask_gaze, w.gen_gaze, w.mask_gen, w.rrr
     need_mask = w_mask_gaze > 0 or w_mask_gen > 0
     need_map = spec.rule is not None and (w_gen_gaze > 0 or w_mask_gen > 0)
     train_map = w_gen_gaze > 0 or (w_mask_gen > 0 and not cfg.detach_generator_target)

@@ -6,7 +6,7 @@ the training loop and the heatmap generators all see the same grey image (attrib
 are with respect to it). Models return logits, never probabilities:
 
 - ``unet``: ``model(x) -> (mask_logits (B, 1, H, W), class_logits (B, K))``
-- ``baseline``: ``model(x) -> class_logits (B, K)`` (no decoder)
+- ``baseline`` and ``rrr-*``: ``model(x) -> class_logits (B, K)`` (no decoder)
 
 ``model.classify(x)`` returns the class logits alone through the encoder and the head,
 skipping the decoder (about 5x cheaper than a full U-Net forward in evaluation).

@@ -423,7 +423,7 @@ def _heatmaps(report: Report) -> list[str]:
             "shortcut marker (synthetic data only; lower is better). n: images with a defined CC (a constant map has "
             "none; `metrics.json` has `_n` and `_nan` for every mean). \"generator\" is the variant's own rule (guided "
             "backprop for baseline and unet, whose loss does not train it); the mask of set 1 (an untrained decoder) "
-            "and of baseline (none) is left out.", "",
+            "and of baseline and rrr (none) is left out.", "",
             *_table(["variant", "map", "role", "n", *SALIENCY_METRICS], rows), ""]
 
 
@@ -479,7 +479,7 @@ def _tuning(report: Report) -> list[str]:
             "variant that wins may win on budget, not method; the `study` profile (README) tunes every variant "
             "alike.")
     return ["## Tuning (validation only; the test split is read once, after every choice)", "", note, "",
-            *_table(["variant", "tuned values", "trials", "best val macro AUC (short runs)"], rows), ""]
+            *_table(["variant", "tuned values", "trials", "best val selection score (short runs)"], rows), ""]
 
 
 def _trial_count(tuning: dict[str, Any]) -> int:
@@ -512,7 +512,8 @@ def _notes(report: Report) -> list[str]:
     first = report.metrics[report.variants[0]] if report.variants else {}
     n_test = first.get("test_n", math.nan)
     lines = ["## Reading these numbers", "",
-             "- Checkpoints were chosen on validation macro AUC. On the synthetic data validation carries the same "
+             "- Checkpoints were chosen on validation: macro AUC (less `train.selection_gaze_weight` times the "
+             "generator's mass outside the gaze, where that weight is set). On the synthetic data validation carries the same "
              "shortcut as training (a corner marker that agrees with the label), so validation AUC cannot tell "
              "the variants apart; the test set's marker is random. Compare variants on the test AUC and the "
              "paired differences.",

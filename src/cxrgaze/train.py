@@ -169,11 +169,19 @@ def validation_record(model: nn.Module, data: SplitTensors, device: torch.device
     (the mean share of the generator map's mass outside the gaze, explaining the true class)
     and ``val_selection``, the score that checkpoint selection and tuning maximise
     (``TrainConfig.selection_gaze_weight``)."""
+    from cxrgaze.explain import UnsupportedActivation
+
     record = evaluate_split(model, data, device, prefix="val_", cls_loss=config.loss.cls_loss,
                             batch_size=config.train.eval_batch_size)
-    mass = generator_outside_mass(model, data.images, data.gaze, data.labels, parse_variant(config.train.variant).generator,
-                                  device, config.train.eval_batch_size)
-    record["val_outside_mass"] = float(mass.mean())
+    weight = config.train.selection_gaze_weight
+    try:
+        mass = generator_outside_mass(model, data.images, data.gaze, data.labels,
+                                      parse_variant(config.train.variant).generator, device, config.train.eval_batch_size)
+        record["val_outside_mass"] = float(mass.mean())
+    except UnsupportedActivation as exc:  # an encoder the generator has no rule for: a diagnostic lost,
+        if weight > 0:                    # unless selection needs it
+            raise ValueError(f"train.selection_gaze_weight {weight}: {exc}") from None
+        record["val_outside_mass"] = math.nan
     record["val_selection"] = selection_score(record["val_auc_macro"], record["val_outside_mass"],
                                               config.train.selection_gaze_weight)
     return record

@@ -395,7 +395,7 @@ class StudyResult:
         if self.best_value is None:
             return f"{self.study_name}: no completed trial ({counts or 'no trials'})"
         best = ", ".join(f"{k}={v:.4g}" for k, v in self.best_params.items())
-        return f"{self.study_name}: best val macro AUC {self.best_value:.4f} (trial {self.best_trial}: {best}); {counts}"
+        return f"{self.study_name}: best val selection score {self.best_value:.4f} (trial {self.best_trial}: {best}); {counts}"
 
 
 def study_result(study: optuna.Study, variant: str) -> StudyResult:

@@ -21,10 +21,11 @@ which loss weights may be tuned, which generator explains it) instead of compari
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 GENERATOR_RULES: tuple[str, ...] = ("grad", "gbp", "deconv")
-"""The generator rules a variant name may carry (the backward rules of
-:mod:`cxrgaze.explain.rules`, which checks that it implements exactly these)."""
+"""The generator rules a variant name may carry: the backward rules of
+:mod:`cxrgaze.explain.rules` (its ``Rule`` type is checked against this tuple on import)."""
 
 VARIANTS: tuple[str, ...] = (
     "baseline",
@@ -47,6 +48,16 @@ OBJECTIVES: tuple[str, ...] = ("baseline", "unet", "set1", "set2", "set3", "rrr"
 _WITH_RULE = ("set1", "set2", "set3", "rrr")
 MAP_TERMS: tuple[str, ...] = ("mass_weight", "outside_weight")
 """The optional terms of the generator-vs-gaze loss ``L_H`` (``cxrgaze.losses.generator_gaze_loss``)."""
+
+
+class TermWeights(NamedTuple):
+    """The weight of each term of a variant's loss (0: the term is not computed)."""
+
+    cls: float
+    mask_gaze: float
+    gen_gaze: float
+    mask_gen: float
+    rrr: float
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,20 @@ class Variant:
             "set3": ("alpha", "gamma", *MAP_TERMS),
             "rrr": ("rrr_weight",),
         }[self.objective]
+
+    def term_weights(self, gamma: float, alpha: float, rrr_weight: float) -> TermWeights:
+        """The weights of this variant's loss terms (the table above) given ``loss.gamma``,
+        ``loss.alpha`` and ``loss.rrr_weight``; a weight the objective does not have is 0
+        (``cls`` is 1 where there is no ``gamma``)."""
+        g = gamma if "gamma" in self.loss_weights else 1.0
+        rest = 1.0 - g
+        return TermWeights(
+            cls=g,
+            mask_gaze=rest * {"unet": 1.0, "set3": alpha}.get(self.objective, 0.0),
+            gen_gaze=rest * {"set1": 1.0, "set3": 1.0 - alpha}.get(self.objective, 0.0),
+            mask_gen=rest if self.objective == "set2" else 0.0,
+            rrr=rrr_weight if "rrr_weight" in self.loss_weights else 0.0,
+        )
 
     @property
     def trains_mask(self) -> bool:

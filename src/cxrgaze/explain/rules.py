@@ -38,7 +38,7 @@ the default: the rule is used only while a generator's gradient call is in progr
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -48,6 +48,8 @@ from cxrgaze.variants import GENERATOR_RULES
 Rule = Literal["grad", "gbp", "deconv"]
 RULES: tuple[str, ...] = GENERATOR_RULES
 """The rules implemented here: the ones a variant name may carry (:mod:`cxrgaze.variants`)."""
+if set(get_args(Rule)) != set(RULES):  # pragma: no cover - a rule added in one place only
+    raise ImportError(f"cxrgaze.explain.rules implements {get_args(Rule)}, cxrgaze.variants names {RULES}")
 
 _aten = torch.ops.aten
 

@@ -13,9 +13,9 @@ softmax for cross-entropy), ``scoring`` (``sigmoid`` or ``softmax``: which of th
 
 Heatmaps: ``mask`` is the U-Net decoder's mask (sigmoid of its logits), from the same
 forward pass as the class logits; ``gbp`` (guided backpropagation) and ``gradcam`` explain
-the predicted class. The default is ``mask`` for a model with a decoder and ``gbp`` for the
-``baseline`` (no decoder; the logged params schema carries that default); asking a
-baseline for ``mask`` explicitly is an error rather than a silent substitute.
+the predicted class. The default is ``mask`` for a model with a decoder and ``gbp`` for
+``baseline`` and ``rrr-*`` (no decoder; the logged params schema carries that default);
+asking such a model for ``mask`` explicitly is an error rather than a silent substitute.
 
 Bad input: every problem is an ``MlflowException`` with ``INVALID_PARAMETER_VALUE`` (HTTP
 400 from ``mlflow models serve``) whose message names the row (0-based position in the
@@ -142,7 +142,7 @@ class CxrGazeModel(mlflow.pyfunc.PythonModel):
             raise _invalid(f"params: heatmap must be one of {', '.join(HEATMAPS)}; got {heatmap!r}")
         if heatmap == "mask" and not self.has_decoder:
             raise _invalid("params: heatmap 'mask' needs a model with a decoder and this one has none "
-                           "(a baseline); ask for gbp, gradcam or none")
+                           "(baseline, rrr-*); ask for gbp, gradcam or none")
         size = params.get("heatmap_size")
         size = self.data_config.image_size if size is None else size
         low, high = HEATMAP_SIZE_RANGE
