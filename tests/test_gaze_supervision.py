@@ -25,7 +25,8 @@ from cxrgaze.losses import (
     rrr_penalty,
 )
 from cxrgaze.models import build_model, class_logits
-from cxrgaze.train import RunConfig, load_checkpoint, selection_score, train
+from cxrgaze.predict import selection_score
+from cxrgaze.train import RunConfig, load_checkpoint, train
 from cxrgaze.tune import SearchRange, tune_config, variant_space
 
 TINY = ModelConfig(encoder="tu-tinynet_e", dropout=0.0)
@@ -290,3 +291,20 @@ def test_validation_outside_mass_explains_the_true_class_with_the_variants_gener
         expected = outside_mass(generator_maps(model.eval(), images, data.labels, rule), gaze).mean().item()
         assert record["val_outside_mass"] == pytest.approx(expected, rel=1e-5)
         assert record["val_selection"] == pytest.approx(record["val_auc_macro"] - 0.5 * expected)
+
+
+def test_evaluation_reports_the_selection_score_of_the_kept_checkpoint(tiny_prepared, tmp_path):
+    """``evaluate`` recomputes ``val_outside_mass`` and ``val_selection`` of the kept
+    checkpoint (what ``register.metric: val_selection`` promotes by), equal to training's."""
+    from cxrgaze.evaluate import EvalConfig, evaluate
+
+    prepared, split = tiny_prepared
+    cfg = RunConfig(model=TINY, loss=LossConfig(), train=TrainConfig(
+        variant="rrr-grad", epochs=2, batch_size=16, device="cpu", selection_gaze_weight=0.5))
+    result = train(cfg, prepared, split, tmp_path / "train", progress=False)
+    metrics = evaluate(tmp_path / "train" / "best.pt", prepared, split, tmp_path / "eval",
+                       EvalConfig(n_resamples=100, sanity_images=2, device="cpu"), progress=False).metrics
+    assert metrics["val_auc_macro"] == pytest.approx(result.best["val_auc_macro"], abs=1e-6)
+    assert metrics["val_outside_mass"] == pytest.approx(result.best["val_outside_mass"], rel=1e-5)
+    assert metrics["val_selection"] == pytest.approx(result.best["val_selection"], rel=1e-5)
+    assert metrics["val_selection"] == pytest.approx(metrics["val_auc_macro"] - 0.5 * metrics["val_outside_mass"])

@@ -12,7 +12,8 @@ from conftest import run, tiny_pipeline_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-VARIANTS = {"baseline": {"loss": {"gamma": 1.0}, "model": {"dropout": 0.0}}, "unet": {}, "set3-gbp": {}}
+VARIANTS = {"baseline": {"loss": {"gamma": 1.0}, "model": {"dropout": 0.0}}, "unet": {}, "set3-gbp": {},
+            "rrr-grad": {"model": {"dropout": 0.0}}}  # rrr: a model without decoder that is not the baseline
 
 
 @pytest.fixture(scope="module")

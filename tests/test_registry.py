@@ -97,6 +97,20 @@ def test_new_data_version_where_the_champion_still_wins(mlflow_store):
     assert not decision.promoted and champion() == first.versions["unet"]
 
 
+def test_promotion_by_the_gaze_aware_selection_score(mlflow_store):
+    """``register.metric: val_selection`` ranks by that metric, not by AUC; after a data
+    change the champion cannot be re-scored by it, and that is refused in one line."""
+    cfg = RegisterConfig(metric="val_selection")
+    shortcut = candidate("unet", 0.99, evidence={"val_selection": 0.10})  # high AUC, map off the gaze
+    on_gaze = candidate("set1-gbp", 0.95, evidence={"val_selection": 0.40})
+    decision = register_and_promote([shortcut, on_gaze], "data-a", "val-1", never, cfg)
+    assert champion() == decision.versions["set1-gbp"]
+    assert "val_selection 0.4000" in decision.reason
+    with pytest.raises(ValueError, match="register.metric val_selection: champion version .* val_auc_macro only"):
+        register_and_promote([candidate("set3-gbp", 0.97, evidence={"val_selection": 0.5})], "data-b", "val-2",
+                             lambda v: 0.9, cfg)
+
+
 def test_failed_or_unevaluated_runs_are_never_registered_or_promoted(mlflow_store):
     first = register_and_promote([candidate("unet", 0.70)], "data-a", "val-1", never)
     failed = candidate("set3-gbp", 0.99, fail=True)

@@ -58,6 +58,13 @@ def predict_logits(model: nn.Module, images: Tensor, device: torch.device | str,
     return torch.cat(out) if out else torch.empty(0, 0)
 
 
+def selection_score(auc: float, outside_mass: float, gaze_weight: float) -> float:
+    """The score that checkpoint selection, tuning and (optionally) the registry maximise:
+    ``auc - gaze_weight * outside_mass`` (``auc`` alone when the weight is 0;
+    ``TrainConfig.selection_gaze_weight``)."""
+    return auc - gaze_weight * outside_mass if gaze_weight > 0 else auc
+
+
 def generator_outside_mass(model: nn.Module, images: Tensor, gaze: Tensor, targets: Tensor, rule: str,
                            device: torch.device | str, batch_size: int = 64) -> Tensor:
     """Share of each image's generator map mass outside its gaze (N,) in [0, 1]

@@ -282,6 +282,10 @@ def _champion_score(client: MlflowClient, cfg: RegisterConfig, champion: ModelVe
     key = _score_key(data_version, val_set)
     if key in champion.tags:
         return float(champion.tags[key])
+    if cfg.metric != "val_auc_macro":  # the served model's re-evaluation measures AUC, not cfg.metric
+        raise ValueError(f"register.metric {cfg.metric}: champion version {champion.version} was scored on other data "
+                         "and can be re-evaluated by val_auc_macro only; promote by val_auc_macro after a data "
+                         "change, or set the alias by hand")
     score = float(reevaluate(champion))
     client.set_model_version_tag(cfg.model_name, champion.version, key, str(score))
     client.set_model_version_tag(cfg.model_name, champion.version, "cxrgaze.reevaluated",

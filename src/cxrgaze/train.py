@@ -46,7 +46,7 @@ from cxrgaze.distributed import (DistContext, all_reduce_, all_reduce_gradients,
 from cxrgaze.losses import compute_loss
 from cxrgaze.metrics import auc_summary
 from cxrgaze.models import build_model
-from cxrgaze.predict import generator_outside_mass, predict_logits, scores_from_logits
+from cxrgaze.predict import generator_outside_mass, predict_logits, scores_from_logits, selection_score
 from cxrgaze.runtime import resolve_device, seed_everything
 from cxrgaze.variants import parse_variant
 
@@ -185,11 +185,6 @@ def validation_record(model: nn.Module, data: SplitTensors, device: torch.device
     record["val_selection"] = selection_score(record["val_auc_macro"], record["val_outside_mass"],
                                               config.train.selection_gaze_weight)
     return record
-
-
-def selection_score(auc: float, outside_mass: float, gaze_weight: float) -> float:
-    """``auc - gaze_weight * outside_mass`` (``auc`` alone when the weight is 0)."""
-    return auc - gaze_weight * outside_mass if gaze_weight > 0 else auc
 
 
 def train(
