@@ -21,9 +21,9 @@ variant        loss                                                  model
 
 The generator-vs-gaze loss ``L_H(H, G) = L_s(H, G) + b_mass mass(H, G) + b_out out(H, G)``
 has two optional terms (weights ``mass_weight`` and ``outside_weight``, 0 by default, so
-that ``L_H = L_s`` as in the paper). They exist because a pixel-mean ``L_s`` of a
-max-normalised map barely changes when a small shortcut (the synthetic marker: 16 of
-4096 pixels) lights up:
+that ``L_H = L_s`` as in the paper). They pull the whole map toward the gaze by the share
+of its mass, not by a pixel mean; neither "sees" a small shortcut directly (the synthetic
+marker covers about 6 of 4096 pixels at 64 px), but a map held on the gaze leaves it:
 
 - ``mass(H, G) = sum H (1 - G) / sum H``: the share of the map's mass outside the gaze
   (:func:`outside_mass`), scale-free, 0 when all the map lies where the radiologist looked;
