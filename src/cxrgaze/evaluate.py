@@ -62,7 +62,7 @@ from cxrgaze.evaluation.scores import SplitScores, load_scores, save_scores, spl
 from cxrgaze.variants import parse_variant, variant_of
 from cxrgaze.metrics import auc_summary
 from cxrgaze.models import GazeNet, build_model
-from cxrgaze.predict import generator_outside_mass, predict_logits, scoring_rule, selection_score
+from cxrgaze.predict import predict_logits, scoring_rule, selection_metrics
 from cxrgaze.runtime import resolve_device
 from cxrgaze.train import load_checkpoint
 
@@ -127,23 +127,6 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tu
 
 SANITY_PREFIX = {"val": "val_sanity_generator_", "test": "sanity_generator_"}
 """Metric prefixes of the generator sanity checks per split (the registry gates on validation's)."""
-
-
-def selection_metrics(model: GazeNet, data: SplitTensors, val_auc: float, run_config: dict[str, Any],
-                      device: torch.device, batch_size: int) -> dict[str, float]:
-    """``val_outside_mass`` (the generator map's mean share of mass outside the gaze on
-    validation, explaining the true class) and ``val_selection`` (the checkpoint-selection
-    score, :func:`cxrgaze.predict.selection_score`, with the run's ``selection_gaze_weight``):
-    what ``register.metric: val_selection`` promotes by."""
-    from cxrgaze.explain import UnsupportedActivation
-
-    weight = float(run_config["train"].get("selection_gaze_weight", 0.0))
-    try:
-        mass = float(generator_outside_mass(model, data.images, data.gaze, data.labels,
-                                            variant_of(run_config).generator, device, batch_size).mean())
-    except UnsupportedActivation:
-        mass = math.nan
-    return {"val_outside_mass": mass, "val_selection": selection_score(val_auc, mass, weight)}
 
 
 def calibration_metrics(prefix: str, y: np.ndarray, scores: np.ndarray, cfg: EvalConfig) -> dict[str, float]:
@@ -294,8 +277,11 @@ def evaluate(
         metrics.update(calibration_metrics(f"{split}_", y, probs, cfg))
         metrics[f"{split}_accuracy"] = float((probs.argmax(1) == y).mean())
         metrics[f"{split}_n"] = float(len(y))
-        if split == "val":  # the checkpoint-selection score, as training computed it (the registry may use it)
-            metrics.update(selection_metrics(model, data, metrics["val_auc_macro"], run_config, device, cfg.batch_size))
+        if split == "val":  # the checkpoint-selection score, as training computed it (`register.metric: val_selection`)
+            metrics.update(selection_metrics(model, data.images, data.gaze, data.labels, metrics["val_auc_macro"],
+                                             variant_of(run_config).generator,
+                                             float(run_config["train"].get("selection_gaze_weight", 0.0)),
+                                             device, cfg.batch_size))
         predictions.append(_prediction_frame(split, data, probs))
         steps.update()
     save_scores(out_dir / SCORES_FILE, scores, [run_config["train"]["seed"]], scoring, CLASSES[:probs.shape[1]])

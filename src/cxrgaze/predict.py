@@ -16,6 +16,8 @@ The predicted class is the arg-max of the scores in both cases.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -80,3 +82,20 @@ def generator_outside_mass(model: nn.Module, images: Tensor, gaze: Tensor, targe
         maps = generator_maps(model, x, targets[i:i + batch_size].to(device), rule).detach()
         out.append(outside_mass(maps, gaze[i:i + batch_size].to(device, torch.float32)).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
+
+
+def selection_metrics(model: nn.Module, images: Tensor, gaze: Tensor, labels: Tensor, val_auc: float, rule: str,
+                      gaze_weight: float, device: torch.device | str, batch_size: int = 64) -> dict[str, float]:
+    """``val_outside_mass`` (the mean of :func:`generator_outside_mass` on validation,
+    explaining the true class) and ``val_selection`` (:func:`selection_score`): what training,
+    tuning and evaluation record. An encoder that ``rule`` has no backward rule for loses the
+    diagnostic (NaN) unless ``gaze_weight`` needs it, which is an error."""
+    from cxrgaze.explain import UnsupportedActivation
+
+    try:
+        mass = float(generator_outside_mass(model, images, gaze, labels, rule, device, batch_size).mean())
+    except UnsupportedActivation as exc:
+        if gaze_weight > 0:
+            raise ValueError(f"train.selection_gaze_weight {gaze_weight}: {exc}") from None
+        mass = math.nan
+    return {"val_outside_mass": mass, "val_selection": selection_score(val_auc, mass, gaze_weight)}

@@ -46,7 +46,7 @@ from cxrgaze.distributed import (DistContext, all_reduce_, all_reduce_gradients,
 from cxrgaze.losses import compute_loss
 from cxrgaze.metrics import auc_summary
 from cxrgaze.models import build_model
-from cxrgaze.predict import generator_outside_mass, predict_logits, scores_from_logits, selection_score
+from cxrgaze.predict import predict_logits, scores_from_logits, selection_metrics
 from cxrgaze.runtime import resolve_device, seed_everything
 from cxrgaze.variants import parse_variant
 
@@ -169,21 +169,11 @@ def validation_record(model: nn.Module, data: SplitTensors, device: torch.device
     (the mean share of the generator map's mass outside the gaze, explaining the true class)
     and ``val_selection``, the score that checkpoint selection and tuning maximise
     (``TrainConfig.selection_gaze_weight``)."""
-    from cxrgaze.explain import UnsupportedActivation
-
     record = evaluate_split(model, data, device, prefix="val_", cls_loss=config.loss.cls_loss,
                             batch_size=config.train.eval_batch_size)
-    weight = config.train.selection_gaze_weight
-    try:
-        mass = generator_outside_mass(model, data.images, data.gaze, data.labels,
-                                      parse_variant(config.train.variant).generator, device, config.train.eval_batch_size)
-        record["val_outside_mass"] = float(mass.mean())
-    except UnsupportedActivation as exc:  # an encoder the generator has no rule for: a diagnostic lost,
-        if weight > 0:                    # unless selection needs it
-            raise ValueError(f"train.selection_gaze_weight {weight}: {exc}") from None
-        record["val_outside_mass"] = math.nan
-    record["val_selection"] = selection_score(record["val_auc_macro"], record["val_outside_mass"],
-                                              config.train.selection_gaze_weight)
+    record.update(selection_metrics(model, data.images, data.gaze, data.labels, record["val_auc_macro"],
+                                    parse_variant(config.train.variant).generator, config.train.selection_gaze_weight,
+                                    device, config.train.eval_batch_size))
     return record
 
 
