@@ -13,11 +13,12 @@ PARAMS = Path(os.environ.get("CXRGAZE_PARAMS", "params.yaml"))
 def run_stage(name: str, body: Callable[[], None]) -> None:
     """Run a stage body; report user errors as one line and exit 2 (tracebacks are bugs)."""
     from cxrgaze.cli import USER_ERRORS
+    from cxrgaze.errors import first_line
 
     try:
         body()
     except USER_ERRORS as exc:
         if os.environ.get("CXRGAZE_DEBUG"):
             raise
-        print(f"stage {name}: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        print(f"stage {name}: error: {first_line(exc)}", file=sys.stderr)
         sys.exit(2)

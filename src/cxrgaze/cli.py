@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 from cxrgaze.config import ConfigError, DataConfig, SplitConfig, from_mapping, load_params
 from cxrgaze.variants import VARIANTS
+from cxrgaze.errors import first_line
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError, RuntimeError, OSError)
 """Exceptions that mean bad input or environment, reported as one line
@@ -343,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as exc:
         if os.environ.get("CXRGAZE_DEBUG"):
             raise
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = first_line(exc)
         print(f"cxrgaze {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -39,6 +39,8 @@ import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
 
+from cxrgaze.errors import reason
+
 EXPERIMENT = "cxrgaze"
 """The MLflow experiment of every cxrgaze run (overridable with ``MLFLOW_EXPERIMENT_NAME``)."""
 
@@ -87,8 +89,8 @@ def set_experiment(name: str | None = None) -> str:
     try:
         return mlflow.set_experiment(name).experiment_id
     except Exception as exc:  # noqa: BLE001 - any store failure is one user-facing reason
-        raise TrackingError(f"MLflow tracking store {mlflow.get_tracking_uri()}: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:200]}") from exc
+        raise TrackingError(f"MLflow tracking store {mlflow.get_tracking_uri()}: "
+                            f"{reason(exc)}") from exc
 
 
 def data_version(root: str | Path = ".") -> str | None:
@@ -156,7 +158,7 @@ def find_runs(tags: Mapping[str, str]) -> list[Any]:
                                           order_by=["attributes.start_time DESC"])
     except Exception as exc:  # noqa: BLE001 - any store failure is one user-facing reason
         raise TrackingError(f"MLflow tracking store {mlflow.get_tracking_uri()}: cannot search runs "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+                            f"({reason(exc)})") from exc
 
 
 def library_versions() -> dict[str, str]:
@@ -225,7 +227,7 @@ class TrackingGuard:
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any tracking failure is reported, never fatal
-            self.lost = f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            self.lost = f"{what}: {reason(exc)}"
             print(f"WARNING: MLflow tracking lost ({mlflow.get_tracking_uri()}) at {self.lost}; "
                   "training goes on, its checkpoints and metrics files stay complete", file=sys.stderr)
             return None

@@ -49,6 +49,7 @@ from cxrgaze.models import build_model
 from cxrgaze.predict import predict_logits, scores_from_logits, selection_metrics
 from cxrgaze.runtime import resolve_device, seed_everything
 from cxrgaze.variants import parse_variant
+from cxrgaze.errors import reason
 
 CHECKPOINT_FORMAT = 1
 
@@ -110,7 +111,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such checkpoint") from None
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+        raise ValueError(f"{path}: not a readable checkpoint ({reason(exc, 120)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
         raise ValueError(f"{path}: not a cxrgaze checkpoint (format {CHECKPOINT_FORMAT} expected)")
     return ckpt

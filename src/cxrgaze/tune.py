@@ -73,6 +73,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from cxrgaze.config import ConfigError, from_mapping
 from cxrgaze.variants import VARIANTS, parse_variant
+from cxrgaze.errors import reason
 
 SPACE_TARGETS: dict[str, tuple[str, str]] = {
     "alpha": ("loss", "alpha"), "gamma": ("loss", "gamma"), "mass_weight": ("loss", "mass_weight"),
@@ -638,7 +639,7 @@ class _Worker:
             raise
         except BaseException as exc:
             status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-            self.client.set_tag(run_id, "cxrgaze.error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:500] if str(exc) else ''}")
+            self.client.set_tag(run_id, "cxrgaze.error", reason(exc, 500))
             raise
         finally:
             self.client.set_tag(run_id, "optuna.trial.state", state.name)

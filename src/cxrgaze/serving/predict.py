@@ -27,6 +27,7 @@ from cxrgaze.data.dicom import ResizeMap
 from cxrgaze.serving.model import INPUT_COLUMN
 from cxrgaze.serving.preprocess import read_image
 from cxrgaze.serving.serve import DEFAULT_MODEL_URI
+from cxrgaze.errors import first_line
 
 if TYPE_CHECKING:
     from mlflow.pyfunc import PyFuncModel
@@ -44,7 +45,7 @@ def load(model_uri: str = DEFAULT_MODEL_URI) -> "PyFuncModel":
     try:
         return mlflow.pyfunc.load_model(model_uri)
     except MlflowException as exc:
-        raise RuntimeError(f"{model_uri}: cannot load the model ({exc.message.splitlines()[0][:300]})") from None
+        raise RuntimeError(f"{model_uri}: cannot load the model ({first_line(exc, 300)})") from None
 
 
 def predict_files(files: Sequence[str | Path], model_uri: str = DEFAULT_MODEL_URI, out_dir: str | Path | None = None,

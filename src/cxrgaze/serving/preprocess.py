@@ -31,6 +31,7 @@ from PIL import Image
 
 from cxrgaze.config import DataConfig
 from cxrgaze.data.dicom import LUMA, DicomError, ResizeMap, model_grid, read_dicom
+from cxrgaze.errors import reason
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -152,6 +153,5 @@ def _read_picture(data: bytes, limits: Limits) -> np.ndarray:
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types on damaged files
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}" if str(exc) else type(exc).__name__
-        raise InputError(f"cannot decode the {kind} image ({reason})") from None
+        raise InputError(f"cannot decode the {kind} image ({reason(exc)})") from None
     return np.ascontiguousarray(np.clip(grey, 0.0, 1.0), dtype=np.float32)
