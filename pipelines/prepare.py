@@ -18,11 +18,12 @@ from _common import PARAMS, run_stage  # noqa: E402
 def main() -> None:
     from cxrgaze.config import DataConfig, load_section
     from cxrgaze.data.prepare import prepare
+    from cxrgaze.data.prepared import PreparedDir
 
     egd_dir, dicom_dir, out_dir, metrics_json, *ids = sys.argv[1:]
     result = prepare(Path(egd_dir), Path(dicom_dir), Path(out_dir), load_section(DataConfig, "data", PARAMS),
                      ids_csv=Path(ids[0]) if ids and ids[0] else None)
-    meta = json.loads((Path(out_dir) / "meta.json").read_text())
+    meta = PreparedDir(out_dir).meta()
     Path(metrics_json).parent.mkdir(parents=True, exist_ok=True)  # the counts; the config is in params.yaml
     Path(metrics_json).write_text(json.dumps({k: meta[k] for k in ("counts", "classes", "excluded_by_kind")},
                                              indent=2) + "\n")

@@ -14,10 +14,11 @@ from _common import PARAMS, run_stage  # noqa: E402
 
 def main() -> None:
     from cxrgaze.config import SplitConfig, load_section
+    from cxrgaze.data.prepared import PreparedDir
     from cxrgaze.data.split import write_split
 
     prepared, out_csv, counts_json = sys.argv[1:4]
-    counts = write_split(Path(prepared) / "manifest.csv", Path(out_csv), load_section(SplitConfig, "split", PARAMS),
+    counts = write_split(PreparedDir(prepared).manifest_path, Path(out_csv), load_section(SplitConfig, "split", PARAMS),
                          counts_json=counts_json)
     print(counts.to_string())
 

@@ -5,7 +5,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from cxrgaze.data.dicom import ResizeMap
-from cxrgaze.data.gaze import inside_image, static_heatmap, static_heatmap_resized, temporal_heatmaps
+from cxrgaze.data.gaze import inside_image, static_heatmap, static_heatmap_resized
 
 SHAPE = (120, 90)  # (H, W)
 X = np.array([20.0, 60.0, 61.0, 45.0])
@@ -86,13 +86,3 @@ def test_resized_map_peaks_at_the_mapped_fixation():
     heat = static_heatmap_resized([400], [300], resize_map, sigma=40)
     tx, ty = resize_map.map_points(np.array([400]), np.array([300]))
     assert np.unravel_index(heat.argmax(), heat.shape) == (round(ty[0]), round(tx[0]))
-
-
-def test_temporal_maps_one_per_inside_fixation_matching_the_static_map_of_each():
-    resize_map = ResizeMap.create(SHAPE, 32, "pad")
-    x, y = np.r_[X, 500], np.r_[Y, 5]  # the last is outside
-    maps = temporal_heatmaps(x, y, resize_map, sigma=8)
-    assert maps.shape == (4, 32, 32) and maps.dtype == np.float32
-    for i in range(4):
-        alone = static_heatmap_resized(X[i:i + 1], Y[i:i + 1], resize_map, sigma=8)
-        np.testing.assert_allclose(maps[i], alone, atol=1e-6)

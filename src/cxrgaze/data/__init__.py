@@ -1,1 +1,1 @@
-"""Reading EGD-CXR tables and DICOMs, gaze heatmaps, synthetic data, splits, datasets."""
+"""Reading EGD-CXR tables and DICOMs, gaze heatmaps, synthetic data, the prepared folder, splits, datasets."""

@@ -1,4 +1,4 @@
-"""Reading a prepared folder for training: a torch ``Dataset`` and whole-split tensors.
+"""Reading a prepared folder for training: row selection, a torch ``Dataset``, whole-split tensors.
 
 Images come back as single-channel [0, 1] floats (models normalise inside themselves),
 gaze maps as [0, 1] floats on the same grid, labels as class indices into ``CLASSES``.
@@ -20,14 +20,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from cxrgaze import CLASSES
-
-
-def read_manifest(prepared_dir: str | Path) -> pd.DataFrame:
-    """``manifest.csv`` of a prepared folder with ids as strings."""
-    path = Path(prepared_dir) / "manifest.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such manifest (run `cxrgaze prepare` first)")
-    return pd.read_csv(path, dtype={"dicom_id": str, "patient_id": str, "study_id": str, "label": str})
+from cxrgaze.data.prepared import PreparedDir
+from cxrgaze.data.split import read_split
 
 
 def select_rows(prepared_dir: str | Path, rows: Sequence[str] | pd.DataFrame | str | Path | None = None,
@@ -39,14 +33,13 @@ def select_rows(prepared_dir: str | Path, rows: Sequence[str] | pd.DataFrame | s
     path) with a ``dicom_id`` column; ``split`` keeps only that table's rows whose
     ``split`` equals it.
     """
-    manifest = read_manifest(prepared_dir)
+    prepared = PreparedDir(prepared_dir)
+    manifest = prepared.manifest()
     if rows is None:
         ids = manifest["dicom_id"].tolist()
     else:
         if isinstance(rows, (str, Path)):
-            if not Path(rows).is_file():
-                raise FileNotFoundError(f"{rows}: no such split table (run `cxrgaze split` first)")
-            rows = pd.read_csv(rows, dtype={"dicom_id": str, "patient_id": str})
+            rows = read_split(rows)
         if isinstance(rows, pd.DataFrame):
             if split is not None:
                 if "split" not in rows:
@@ -58,14 +51,14 @@ def select_rows(prepared_dir: str | Path, rows: Sequence[str] | pd.DataFrame | s
     position = pd.Series(np.arange(len(manifest)), index=manifest["dicom_id"])
     missing = [i for i in ids if i not in position.index]
     if missing:
-        raise ValueError(f"{Path(prepared_dir) / 'manifest.csv'}: {len(missing)} id(s) not prepared, e.g. "
+        raise ValueError(f"{prepared.manifest_path}: {len(missing)} id(s) not prepared, e.g. "
                          f"{missing[0]} (is the split table from another prepare run?)")
     index = position.loc[ids].to_numpy(dtype=np.int64)  # (N,)
     classes = {c: i for i, c in enumerate(CLASSES)}
     labels = manifest["label"].to_numpy()[index]
     unknown = sorted(set(labels) - set(classes))
     if unknown:
-        raise ValueError(f"{Path(prepared_dir) / 'manifest.csv'}: unknown label(s) {unknown}")
+        raise ValueError(f"{prepared.manifest_path}: unknown label(s) {unknown}")
     return index, np.array([classes[v] for v in labels], dtype=np.int64), ids
 
 
@@ -97,8 +90,8 @@ class PreparedDataset(Dataset):
 
     def _open(self) -> tuple[np.ndarray, np.ndarray]:
         if self._arrays is None:
-            self._arrays = (np.load(self.prepared_dir / "images.npy", mmap_mode="r"),
-                            np.load(self.prepared_dir / "gaze.npy", mmap_mode="r"))
+            prepared = PreparedDir(self.prepared_dir)
+            self._arrays = (prepared.images(mmap=True), prepared.gaze(mmap=True))
         return self._arrays
 
     def __getitem__(self, i: int) -> dict:
@@ -144,9 +137,8 @@ def load_split(prepared_dir: str | Path, split_table: str | Path | pd.DataFrame 
     with ``.to(device, torch.float32)``. Rows follow the split table's order.
     """
     index, labels, ids = select_rows(prepared_dir, split_table, split)
-    prepared_dir = Path(prepared_dir)
-    images = np.load(prepared_dir / "images.npy", mmap_mode="r")
-    gaze = np.load(prepared_dir / "gaze.npy", mmap_mode="r")
+    prepared = PreparedDir(prepared_dir)
+    images, gaze = prepared.images(mmap=True), prepared.gaze(mmap=True)
     return SplitTensors(
         images=torch.from_numpy(np.ascontiguousarray(images[index])).unsqueeze(1),  # (N, 1, S, S)
         gaze=torch.from_numpy(np.ascontiguousarray(gaze[index])).unsqueeze(1),  # (N, 1, S, S)

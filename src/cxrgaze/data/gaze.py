@@ -32,7 +32,7 @@ import math
 
 import numpy as np
 from PIL import Image
-from scipy.ndimage import gaussian_filter, gaussian_filter1d
+from scipy.ndimage import gaussian_filter
 
 from cxrgaze.data.dicom import ResizeMap
 
@@ -84,28 +84,6 @@ def static_heatmap_resized(
     counts = _splat((x + 0.5) * scale[1] - 0.5, (y + 0.5) * scale[0] - 0.5, w, grid)  # (gh, gw)
     heat = gaussian_filter(counts, sigma=(sigma * scale[0], sigma * scale[1]), mode="reflect")
     return _place(resize_map, _min_max(_to_inner(resize_map, heat)))
-
-
-def temporal_heatmaps(
-    x: np.ndarray,
-    y: np.ndarray,
-    resize_map: ResizeMap,
-    sigma: float = 150.0,
-) -> np.ndarray:
-    """One map per fixation, in order, on the target grid: float32 (T, S, S), each in [0, 1].
-
-    Same geometry as ``static_heatmap_resized`` (original coordinates and sigma; fixations
-    outside the image dropped, so T counts the inside ones); map i equals the static map
-    of fixation i alone, computed separably (exact for a point source).
-    """
-    x, y, _ = _inside(x, y, resize_map.original_shape, None)
-    grid, scale = _work_grid(resize_map, sigma)
-    out = np.zeros((len(x), resize_map.size, resize_map.size), np.float32)  # (T, S, S)
-    for i in range(len(x)):
-        column = gaussian_filter1d(_splat_1d((y[i] + 0.5) * scale[0] - 0.5, grid[0]), sigma * scale[0], mode="reflect")
-        row = gaussian_filter1d(_splat_1d((x[i] + 0.5) * scale[1] - 0.5, grid[1]), sigma * scale[1], mode="reflect")
-        out[i] = _place(resize_map, _min_max(_to_inner(resize_map, np.outer(column, row))))  # (gh,) x (gw,)
-    return out
 
 
 MIN_GRID_SIGMA = 8.0
@@ -164,17 +142,6 @@ def _splat(x: np.ndarray, y: np.ndarray, w: np.ndarray, shape: tuple[int, int]) 
     np.add.at(counts, (y1, x0), w * fy * (1 - fx))
     np.add.at(counts, (y1, x1), w * fy * fx)
     return counts
-
-
-def _splat_1d(position: float, length: int) -> np.ndarray:
-    """Linear splat of one unit point onto a (length,) grid."""
-    line = np.zeros(length, np.float64)
-    position = min(max(position, 0.0), length - 1.0)
-    i0 = int(np.floor(position))
-    frac = position - i0
-    line[i0] += 1.0 - frac
-    line[min(i0 + 1, length - 1)] += frac
-    return line
 
 
 def _min_max(values: np.ndarray) -> np.ndarray:

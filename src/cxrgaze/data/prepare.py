@@ -15,7 +15,8 @@ Output folder (row i of every array is row i of ``manifest.csv``; S = ``image_si
   output), counts, class counts and exclusions by kind
 
 Rows follow the master sheet (or the id subset) order. Same inputs give the same bytes,
-whatever the number of worker processes.
+whatever the number of worker processes. :class:`cxrgaze.data.prepared.PreparedDir` names
+these files and reads them back.
 """
 
 from __future__ import annotations
@@ -35,12 +36,11 @@ from tqdm import tqdm
 
 from cxrgaze import CLASSES
 from cxrgaze.config import DataConfig
-from cxrgaze.data.dicom import DicomError, ResizeMap, model_grid, read_dicom
+from cxrgaze.data.dicom import ResizeMap
 from cxrgaze.data.egd import read_bounding_boxes, read_fixations, read_id_subset, read_master_sheet
-from cxrgaze.data.gaze import inside_image, static_heatmap_resized
+from cxrgaze.data.prepare_worker import ImageTask, decode_image
+from cxrgaze.data.prepared import PreparedDir
 from cxrgaze.data.schema import EXCLUDED_COLUMNS, MANIFEST_COLUMNS
-
-OUTPUT_FILES = ("images.npy", "gaze.npy", "manifest.csv", "excluded.csv", "fixations.csv", "boxes.csv", "meta.json")
 
 
 class PrepareError(RuntimeError):
@@ -69,24 +69,6 @@ class PrepareResult:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class _Task:
-    """One image to decode, with everything the worker needs (picklable)."""
-
-    index: int
-    dicom_id: str
-    path: str
-    name: str
-    x: np.ndarray
-    y: np.ndarray
-    duration: np.ndarray
-    start: np.ndarray
-    size: int
-    resize: str
-    sigma: float
-    duration_weighted: bool
-
-
 def prepare(
     egd_dir: str | Path,
     dicom_dir: str | Path,
@@ -104,17 +86,10 @@ def prepare(
     raises ``PrepareError`` when none is usable. Decodes in ``config.workers`` processes
     (0: one per core) with a progress bar when ``progress``.
     """
-    egd_dir, dicom_dir, out_dir = Path(egd_dir), Path(dicom_dir), Path(out_dir)
+    egd_dir, dicom_dir, out = Path(egd_dir), Path(dicom_dir), PreparedDir(out_dir)
     if not dicom_dir.is_dir():
         raise FileNotFoundError(f"{dicom_dir}: no such DICOM folder")
-    master = read_master_sheet(egd_dir / "master_sheet.csv")
-    fixations = read_fixations(egd_dir / "fixations.csv")
-    boxes_csv = egd_dir / "bounding_boxes.csv"
-    boxes = read_bounding_boxes(boxes_csv) if boxes_csv.is_file() else None
-    listed = read_id_subset(ids_csv) if ids_csv is not None else master["dicom_id"].tolist()
-    if not listed:
-        raise PrepareError(f"{ids_csv or egd_dir / 'master_sheet.csv'}: no images listed")
-
+    master, fixations, boxes, listed = _read_egd(egd_dir, ids_csv)
     by_id = {key: group for key, group in fixations.groupby("DICOM_ID", sort=False)}
     subset_name = Path(ids_csv).name if ids_csv is not None else "master_sheet.csv"
     tasks, excluded = _plan(listed, subset_name, master, by_id, dicom_dir, config)
@@ -123,24 +98,21 @@ def prepare(
         if "error" in results[task.index]:
             excluded[task.index] = results[task.index]["error"]
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUT_FILES:
-        (out_dir / name).unlink(missing_ok=True)
-    excluded_rows = [(listed[i], *excluded[i]) for i in sorted(excluded)]
-    report = pd.DataFrame([(d, r) for d, _, r in excluded_rows], columns=list(EXCLUDED_COLUMNS))
-    _write_csv(report, out_dir / "excluded.csv")
+    out.path.mkdir(parents=True, exist_ok=True)
+    out.remove_outputs()
+    excluded_rows = _write_excluded(out, listed, excluded)
     kept = [task for task in tasks if "error" not in results[task.index]]
     by_kind = dict(sorted(Counter(kind for _, kind, _ in excluded_rows).items()))
     if not kept:
         common = ", ".join(f"{k} {v}" for k, v in Counter(kind for _, kind, _ in excluded_rows).most_common(3))
         raise PrepareError(f"no usable images: all {len(listed)} listed images were excluded ({common}); "
-                           f"see {out_dir / 'excluded.csv'}")
+                           f"see {out.excluded_path}")
 
     rows = master.drop_duplicates("dicom_id").set_index("dicom_id")
-    manifest = _write_arrays_and_manifest(kept, results, rows, out_dir)
-    _write_fixations(kept, results, out_dir)
+    manifest = _write_arrays_and_manifest(kept, results, rows, out)
+    _write_fixations(kept, results, out)
     if boxes is not None:
-        _write_boxes(boxes, results, kept, out_dir)
+        _write_boxes(boxes, results, kept, out)
     class_counts = {c: int((manifest["label"] == c).sum()) for c in CLASSES}
     counts = {
         "listed": len(listed),
@@ -150,12 +122,33 @@ def prepare(
         "fixations_outside_image": int(manifest["n_fixations_outside"].sum()),
         "fixation_ids_not_in_master_sheet": len(set(by_id) - set(master["dicom_id"])),
     }
-    _write_meta(out_dir, config, counts, class_counts, by_kind, ids_csv)
-    files = {name.split(".")[0]: out_dir / name for name in OUTPUT_FILES if (out_dir / name).exists()}
-    return PrepareResult(out_dir, len(listed), len(kept), len(excluded_rows), class_counts, by_kind, files)
+    _write_meta(out, config, counts, class_counts, by_kind, ids_csv)
+    return PrepareResult(out.path, len(listed), len(kept), len(excluded_rows), class_counts, by_kind, out.existing())
 
 
-def _write_meta(out_dir: Path, config: DataConfig, counts: dict, class_counts: dict, by_kind: dict,
+def _read_egd(egd_dir: Path, ids_csv: str | Path | None
+              ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None, list[str]]:
+    """Master sheet, fixations, bounding boxes (None without the file) and the listed ids."""
+    master = read_master_sheet(egd_dir / "master_sheet.csv")
+    fixations = read_fixations(egd_dir / "fixations.csv")
+    boxes_csv = egd_dir / "bounding_boxes.csv"
+    boxes = read_bounding_boxes(boxes_csv) if boxes_csv.is_file() else None
+    listed = read_id_subset(ids_csv) if ids_csv is not None else master["dicom_id"].tolist()
+    if not listed:
+        raise PrepareError(f"{ids_csv or egd_dir / 'master_sheet.csv'}: no images listed")
+    return master, fixations, boxes, listed
+
+
+def _write_excluded(out: PreparedDir, listed: list[str],
+                    excluded: dict[int, tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """``excluded.csv`` in listed order; returns its rows as ``(dicom_id, kind, reason)``."""
+    excluded_rows = [(listed[i], *excluded[i]) for i in sorted(excluded)]
+    report = pd.DataFrame([(d, r) for d, _, r in excluded_rows], columns=list(EXCLUDED_COLUMNS))
+    _write_csv(report, out.excluded_path)
+    return excluded_rows
+
+
+def _write_meta(out: PreparedDir, config: DataConfig, counts: dict, class_counts: dict, by_kind: dict,
                 ids_csv: str | Path | None) -> None:
     """``meta.json``: the config that shaped the arrays, counts, classes, exclusions by kind."""
     meta = {
@@ -166,11 +159,11 @@ def _write_meta(out_dir: Path, config: DataConfig, counts: dict, class_counts: d
         "arrays": {"shape": [counts["prepared"], config.image_size, config.image_size], "dtype": "float16"},
         "id_subset": Path(ids_csv).name if ids_csv is not None else None,
     }
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    out.meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def _plan(listed: list[str], listed_in: str, master: pd.DataFrame, fixations: dict[str, pd.DataFrame],
-          dicom_dir: Path, config: DataConfig) -> tuple[list[_Task], dict[int, tuple[str, str]]]:
+          dicom_dir: Path, config: DataConfig) -> tuple[list[ImageTask], dict[int, tuple[str, str]]]:
     """The decode tasks and the exclusions known without decoding, by listed position.
 
     Exclusions are ``(kind, reason)``; reasons name the file at fault and never hold an
@@ -181,7 +174,7 @@ def _plan(listed: list[str], listed_in: str, master: pd.DataFrame, fixations: di
     for position, dicom_id in enumerate(master["dicom_id"]):
         first_row.setdefault(dicom_id, position)
     copies = master["dicom_id"].value_counts()
-    tasks: list[_Task] = []
+    tasks: list[ImageTask] = []
     excluded: dict[int, tuple[str, str]] = {}
     seen: set[str] = set()
     for index, dicom_id in enumerate(listed):
@@ -214,15 +207,15 @@ def _plan(listed: list[str], listed_in: str, master: pd.DataFrame, fixations: di
             excluded[index] = ("missing_file", f"{rel}: missing file")
             continue
         fix = fixations[dicom_id]
-        tasks.append(_Task(index, dicom_id, str(target), rel,
+        tasks.append(ImageTask(index, dicom_id, str(target), rel,
                            fix["X_ORIGINAL"].to_numpy(), fix["Y_ORIGINAL"].to_numpy(),
                            fix["FPOGD"].to_numpy(), fix["FPOGS"].to_numpy(),
                            config.image_size, config.resize, config.gaze_sigma, config.gaze_duration_weighted))
     return tasks, excluded
 
 
-def _run(tasks: list[_Task], workers: int, progress: bool) -> dict[int, dict]:
-    """Run ``_decode`` over the tasks, in processes when more than one worker is useful."""
+def _run(tasks: list[ImageTask], workers: int, progress: bool) -> dict[int, dict]:
+    """Run ``decode_image`` over the tasks, in processes when more than one worker is useful."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     workers = min(workers or cores, max(len(tasks), 1))
     bar = tqdm(total=len(tasks), desc="prepare", unit="img", disable=not progress)
@@ -230,13 +223,13 @@ def _run(tasks: list[_Task], workers: int, progress: bool) -> dict[int, dict]:
     try:
         if workers <= 1:
             for task in tasks:
-                results[task.index] = _decode(task)
+                results[task.index] = decode_image(task)
                 bar.update()
             return results
         context = multiprocessing.get_context("spawn")  # no fork of a parent that may hold threads (torch)
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
         try:
-            futures = [pool.submit(_decode, task) for task in tasks]
+            futures = [pool.submit(decode_image, task) for task in tasks]
             for future in as_completed(futures):
                 result = future.result()
                 results[result["index"]] = result
@@ -251,38 +244,11 @@ def _run(tasks: list[_Task], workers: int, progress: bool) -> dict[int, dict]:
     return results
 
 
-def _decode(task: _Task) -> dict:
-    """Worker: decode, resize and heatmap one image; exclusions come back as ``error``."""
-    try:
-        image, info = read_dicom(task.path, name=task.name)
-    except DicomError as exc:
-        return {"index": task.index, "error": (exc.kind, str(exc))}
-    except Exception as exc:  # noqa: BLE001 - one bad file must not stop the run
-        return {"index": task.index, "error": ("error", f"{task.name}: unexpected {type(exc).__name__}: {exc}")}
-    shape = (info.original_height, info.original_width)
-    inside = inside_image(task.x, task.y, shape)  # (F,)
-    if not inside.any():
-        return {"index": task.index, "error": ("no_fixations", f"fixations.csv: none of the {len(inside)} fixations "
-                                                                 f"is inside the {shape[1]} x {shape[0]} image")}
-    resize_map = ResizeMap.create(shape, task.size, task.resize)
-    weights = task.duration if task.duration_weighted else None
-    gaze = static_heatmap_resized(task.x, task.y, resize_map, task.sigma, weights)  # (S, S)
-    tx, ty = resize_map.map_points(task.x[inside], task.y[inside])
-    return {
-        "index": task.index,
-        "image": model_grid(image, resize_map),  # (S, S) float16
-        "gaze": gaze.astype(np.float16),  # (S, S)
-        "info": info,
-        "fixations": np.stack([tx, ty, task.duration[inside], task.start[inside]], axis=1),  # (F_in, 4)
-        "n_outside": int((~inside).sum()),
-    }
-
-
-def _write_arrays_and_manifest(kept: list[_Task], results: dict[int, dict], rows: pd.DataFrame,
-                               out_dir: Path) -> pd.DataFrame:
+def _write_arrays_and_manifest(kept: list[ImageTask], results: dict[int, dict], rows: pd.DataFrame,
+                               out: PreparedDir) -> pd.DataFrame:
     """``images.npy``, ``gaze.npy`` and ``manifest.csv``, row i = kept[i]."""
-    np.save(out_dir / "images.npy", np.stack([results[t.index]["image"] for t in kept]))  # (N, S, S)
-    np.save(out_dir / "gaze.npy", np.stack([results[t.index]["gaze"] for t in kept]))  # (N, S, S)
+    np.save(out.images_path, np.stack([results[t.index]["image"] for t in kept]))  # (N, S, S)
+    np.save(out.gaze_path, np.stack([results[t.index]["gaze"] for t in kept]))  # (N, S, S)
     records = []
     for position, task in enumerate(kept):
         result = results[task.index]
@@ -298,11 +264,11 @@ def _write_arrays_and_manifest(kept: list[_Task], results: dict[int, dict], rows
         })
     manifest = pd.DataFrame.from_records(records)
     assert tuple(manifest.columns[:4]) == MANIFEST_COLUMNS
-    _write_csv(manifest, out_dir / "manifest.csv")
+    _write_csv(manifest, out.manifest_path)
     return manifest
 
 
-def _write_fixations(kept: list[_Task], results: dict[int, dict], out_dir: Path) -> None:
+def _write_fixations(kept: list[ImageTask], results: dict[int, dict], out: PreparedDir) -> None:
     """``fixations.csv``: the inside fixations of every prepared image, target pixels."""
     frames = []
     for task in kept:
@@ -310,10 +276,10 @@ def _write_fixations(kept: list[_Task], results: dict[int, dict], out_dir: Path)
         frame = pd.DataFrame(values, columns=["x", "y", "duration", "start"])
         frame.insert(0, "dicom_id", task.dicom_id)
         frames.append(frame)
-    _write_csv(pd.concat(frames, ignore_index=True), out_dir / "fixations.csv", float_format="%.3f")
+    _write_csv(pd.concat(frames, ignore_index=True), out.fixations_path, float_format="%.3f")
 
 
-def _write_boxes(boxes: pd.DataFrame, results: dict[int, dict], kept: list[_Task], out_dir: Path) -> None:
+def _write_boxes(boxes: pd.DataFrame, results: dict[int, dict], kept: list[ImageTask], out: PreparedDir) -> None:
     """``boxes.csv``: the boxes of prepared images in target pixels, manifest order."""
     by_id = {key: group for key, group in boxes.groupby("dicom_id", sort=False)}
     frames = []
@@ -327,7 +293,7 @@ def _write_boxes(boxes: pd.DataFrame, results: dict[int, dict], kept: list[_Task
         frames.append(pd.DataFrame({"dicom_id": task.dicom_id, "bbox_name": mine["bbox_name"].to_numpy(),
                                     "x1": x1, "x2": x2, "y1": y1, "y2": y2}))
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(boxes.columns))
-    _write_csv(table, out_dir / "boxes.csv", float_format="%.3f")
+    _write_csv(table, out.boxes_path, float_format="%.3f")
 
 
 def _write_csv(table: pd.DataFrame, path: Path, float_format: str | None = None) -> None:

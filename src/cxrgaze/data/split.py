@@ -17,6 +17,7 @@ import pandas as pd
 
 from cxrgaze import CLASSES
 from cxrgaze.config import SplitConfig
+from cxrgaze.data.prepared import read_manifest_csv
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -67,10 +68,8 @@ def write_split(manifest_csv: str | Path, out_csv: str | Path, config: SplitConf
     the prepared arrays). Returns the image counts per split and class; the same counts
     go to ``counts_json`` (default ``<out_csv stem>.json``) for ``dvc metrics show``.
     """
-    manifest_csv, out_csv = Path(manifest_csv), Path(out_csv)
-    if not manifest_csv.exists():
-        raise FileNotFoundError(f"{manifest_csv}: no such manifest (run `cxrgaze prepare` first)")
-    manifest = pd.read_csv(manifest_csv, dtype={"dicom_id": str, "patient_id": str, "study_id": str})
+    out_csv = Path(out_csv)
+    manifest = read_manifest_csv(manifest_csv)
     table = manifest[["dicom_id", "patient_id", "label"]].copy()
     table["index"] = np.arange(len(table))
     table = split_patients(table, config)
@@ -90,8 +89,12 @@ def write_split(manifest_csv: str | Path, out_csv: str | Path, config: SplitConf
 
 
 def read_split(split_csv: str | Path) -> pd.DataFrame:
-    """Read a split table written by :func:`write_split` (ids kept as strings)."""
+    """Read a split table written by :func:`write_split` (ids kept as strings).
+
+    The one reader of split tables: ``select_rows`` (and through it ``load_split`` and
+    ``PreparedDataset``) reads a split-table path with it.
+    """
     split_csv = Path(split_csv)
-    if not split_csv.exists():
+    if not split_csv.is_file():
         raise FileNotFoundError(f"{split_csv}: no such split table (run `cxrgaze split` first)")
     return pd.read_csv(split_csv, dtype={"dicom_id": str, "patient_id": str})

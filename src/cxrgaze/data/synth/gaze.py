@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cxrgaze.data.schema import GAZE_COLUMNS
-from cxrgaze.data.synth_phantom import Box
+from cxrgaze.data.synth.anatomy import Box
 
 SCREEN_W, SCREEN_H = 1920, 1080
 SESSION_SIZE = 30
@@ -155,6 +155,28 @@ def _f5(values: np.ndarray) -> np.ndarray:
     return np.char.mod("%.5f", values)
 
 
+@dataclass
+class _Session:
+    """The running state of one reading session: clock, counters, last gaze point, the reader's constants."""
+
+    session_id: int
+    t: float  # when the next image appears, seconds
+    tick0: int
+    blinks_per_min: int
+    pupil_mm: np.ndarray  # (2,) left, right
+    fix_id: int = 0
+    blink_id: int = 0
+    last: tuple[float, float] = (0.5, 0.5)
+
+    @classmethod
+    def start(cls, session_id: int, rng: np.random.Generator) -> _Session:
+        t = rng.uniform(3.0, 10.0)
+        tick0 = int(rng.integers(10**12, 5 * 10**12))
+        blinks_per_min = int(rng.integers(6, 22))
+        pupil_mm = rng.normal(4.0, 0.4, 2)
+        return cls(session_id, t, tick0, blinks_per_min, pupil_mm)
+
+
 def session_rows(session_id: int, readings: list[Reading], rng: np.random.Generator) -> list[list[str]]:
     """``fixations.csv`` rows (all ``GAZE_COLUMNS``, as text) of one session's readings.
 
@@ -162,68 +184,79 @@ def session_rows(session_id: int, readings: list[Reading], rng: np.random.Genera
     plus a saccade, and each image after the previous one plus a pause for dictation.
     ``Time (in secs)`` is when the tracker reported the fixation, at its end.
     """
-    t = rng.uniform(3.0, 10.0)
-    tick0 = int(rng.integers(10**12, 5 * 10**12))
-    blinks_per_min = int(rng.integers(6, 22))
-    pupil_mm = rng.normal(4.0, 0.4, 2)
-    fix_id = blink_id = 0
-    last = (0.5, 0.5)
+    session = _Session.start(session_id, rng)
     rows: list[list[str]] = []
-    for media_id, (dicom_id, fx, fy, xo, yo) in enumerate(readings):
-        n = len(fx)
-        dur = 0.1 + 0.7 * rng.beta(2.0, 5.0, n)
-        gap = 0.02 + rng.exponential(0.04, n)
-        start = t + np.cumsum(gap) + np.r_[0.0, np.cumsum(dur[:-1])]
-        end = start + dur
-        t = float(end[-1]) + rng.uniform(3.0, 12.0)
-        px, py = np.r_[last[0], fx[:-1]] * SCREEN_W, np.r_[last[1], fy[:-1]] * SCREEN_H
-        dx, dy = fx * SCREEN_W - px, fy * SCREEN_H - py
-        last = (float(fx[-1]), float(fy[-1]))
-        blink = rng.random(n) < 0.06
-        bkid = np.where(blink, blink_id + np.cumsum(blink), 0)
-        blink_id += int(blink.sum())
-        cols = {
-            "SESSION_ID": np.full(n, str(session_id)),
-            "MEDIA_ID": np.full(n, str(media_id)),
-            "DICOM_ID": np.full(n, dicom_id),
-            "CNT": (end * 60).astype(np.int64).astype(str),
-            "Time (in secs)": _f5(end),
-            "TIMETICK(f=10000000)": (tick0 + np.round(end * 1e7).astype(np.int64)).astype(str),
-            "FPOGX": _f5(fx),
-            "FPOGY": _f5(fy),
-            "FPOGS": _f5(start),
-            "FPOGD": _f5(dur),
-            "FPOGID": np.arange(fix_id + 1, fix_id + n + 1).astype(str),
-            "FPOGV": np.full(n, "1"),
-            "BPOGX": _f5(fx + rng.normal(0, 0.002, n)),
-            "BPOGY": _f5(fy + rng.normal(0, 0.003, n)),
-            "BPOGV": np.full(n, "1"),
-            "LPCX": _f5(rng.normal(0.41, 0.01, n)),
-            "LPCY": _f5(rng.normal(0.55, 0.01, n)),
-            "LPD": _f5(rng.normal(26.0, 1.2, n)),
-            "LPS": _f5(rng.normal(1.0, 0.02, n)),
-            "LPV": np.full(n, "1"),
-            "RPCX": _f5(rng.normal(0.59, 0.01, n)),
-            "RPCY": _f5(rng.normal(0.55, 0.01, n)),
-            "RPD": _f5(rng.normal(26.0, 1.2, n)),
-            "RPS": _f5(rng.normal(1.0, 0.02, n)),
-            "RPV": np.full(n, "1"),
-            "BKID": bkid.astype(str),
-            "BKDUR": _f5(np.where(blink, rng.uniform(0.08, 0.3, n), 0.0)),
-            "BKPMIN": np.full(n, str(blinks_per_min)),
-            "LPMM": _f5(pupil_mm[0] + rng.normal(0, 0.05, n)),
-            "LPMMV": np.full(n, "1"),
-            "RPMM": _f5(pupil_mm[1] + rng.normal(0, 0.05, n)),
-            "RPMMV": np.full(n, "1"),
-            "SACCADE_MAG": _f5(np.hypot(dx, dy)),
-            "SACCADE_DIR": _f5(np.mod(np.degrees(np.arctan2(-dy, dx)), 360.0)),
-            "VID_FRAME": np.full(n, "0"),
-            "X_ORIGINAL": xo.astype(str),
-            "Y_ORIGINAL": yo.astype(str),
-        }
-        fix_id += n
+    for media_id, reading in enumerate(readings):
+        cols = _reading_columns(session, media_id, reading, rng)
         rows.extend(np.stack([cols[c] for c in GAZE_COLUMNS], axis=1).tolist())
     return rows
+
+
+def _reading_columns(session: _Session, media_id: int, reading: Reading,
+                     rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Every ``GAZE_COLUMNS`` column (text arrays) of one image's reading; advances ``session``."""
+    dicom_id, fx, fy, xo, yo = reading
+    n = len(fx)
+    dur = 0.1 + 0.7 * rng.beta(2.0, 5.0, n)
+    gap = 0.02 + rng.exponential(0.04, n)
+    start = session.t + np.cumsum(gap) + np.r_[0.0, np.cumsum(dur[:-1])]
+    end = start + dur
+    session.t = float(end[-1]) + rng.uniform(3.0, 12.0)
+    px, py = np.r_[session.last[0], fx[:-1]] * SCREEN_W, np.r_[session.last[1], fy[:-1]] * SCREEN_H
+    dx, dy = fx * SCREEN_W - px, fy * SCREEN_H - py
+    session.last = (float(fx[-1]), float(fy[-1]))
+    cols = {
+        "SESSION_ID": np.full(n, str(session.session_id)),
+        "MEDIA_ID": np.full(n, str(media_id)),
+        "DICOM_ID": np.full(n, dicom_id),
+        "CNT": (end * 60).astype(np.int64).astype(str),
+        "Time (in secs)": _f5(end),
+        "TIMETICK(f=10000000)": (session.tick0 + np.round(end * 1e7).astype(np.int64)).astype(str),
+        "FPOGX": _f5(fx),
+        "FPOGY": _f5(fy),
+        "FPOGS": _f5(start),
+        "FPOGD": _f5(dur),
+        "FPOGID": np.arange(session.fix_id + 1, session.fix_id + n + 1).astype(str),
+        "FPOGV": np.full(n, "1"),
+        **_eye_columns(session, fx, fy, rng),
+        "SACCADE_MAG": _f5(np.hypot(dx, dy)),
+        "SACCADE_DIR": _f5(np.mod(np.degrees(np.arctan2(-dy, dx)), 360.0)),
+        "VID_FRAME": np.full(n, "0"),
+        "X_ORIGINAL": xo.astype(str),
+        "Y_ORIGINAL": yo.astype(str),
+    }
+    session.fix_id += n
+    return cols
+
+
+def _eye_columns(session: _Session, fx: np.ndarray, fy: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The tracker's per-eye columns ``BPOGX`` ... ``RPMMV`` of one reading (blinks and pupils)."""
+    n = len(fx)
+    blink = rng.random(n) < 0.06
+    bkid = np.where(blink, session.blink_id + np.cumsum(blink), 0)
+    session.blink_id += int(blink.sum())
+    return {
+        "BPOGX": _f5(fx + rng.normal(0, 0.002, n)),
+        "BPOGY": _f5(fy + rng.normal(0, 0.003, n)),
+        "BPOGV": np.full(n, "1"),
+        "LPCX": _f5(rng.normal(0.41, 0.01, n)),
+        "LPCY": _f5(rng.normal(0.55, 0.01, n)),
+        "LPD": _f5(rng.normal(26.0, 1.2, n)),
+        "LPS": _f5(rng.normal(1.0, 0.02, n)),
+        "LPV": np.full(n, "1"),
+        "RPCX": _f5(rng.normal(0.59, 0.01, n)),
+        "RPCY": _f5(rng.normal(0.55, 0.01, n)),
+        "RPD": _f5(rng.normal(26.0, 1.2, n)),
+        "RPS": _f5(rng.normal(1.0, 0.02, n)),
+        "RPV": np.full(n, "1"),
+        "BKID": bkid.astype(str),
+        "BKDUR": _f5(np.where(blink, rng.uniform(0.08, 0.3, n), 0.0)),
+        "BKPMIN": np.full(n, str(session.blinks_per_min)),
+        "LPMM": _f5(session.pupil_mm[0] + rng.normal(0, 0.05, n)),
+        "LPMMV": np.full(n, "1"),
+        "RPMM": _f5(session.pupil_mm[1] + rng.normal(0, 0.05, n)),
+        "RPMMV": np.full(n, "1"),
+    }
 
 
 def fixation_rows(

@@ -22,13 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (
-    UID,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    RLELossless,
-)
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 SYNTAXES: dict[str, UID] = {
     "explicit": ExplicitVRLittleEndian,
@@ -82,17 +76,41 @@ def encode(
     shape: tuple[int, int],
 ) -> bytes:
     """The bytes of one DICOM file; ``pixels`` None writes a file without Pixel Data."""
+    ds = Dataset()
+    ds.file_meta = _file_meta(dicom_id)
+    _set_study(ds, dicom_id, patient_id, study_id, sex, study_date)
+    ds.PatientOrientation = ["L", "F"]
+    ds.ImagerPixelSpacing = [f"{spacing_mm:.4f}", f"{spacing_mm:.4f}"]
+    ds.BurnedInAnnotation = "YES" if burned_in else "NO"
+    _set_pixel_format(ds, acq, shape)
+    _set_value_transforms(ds, acq)
+    syntax = SYNTAXES[acq.syntax]
+    if pixels is not None:
+        ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
+        if syntax.is_compressed:
+            ds.compress(syntax, encoding_plugin="pylibjpeg", generate_instance_uid=False)
+    if not syntax.is_compressed:
+        ds.file_meta.TransferSyntaxUID = syntax
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _file_meta(dicom_id: str) -> FileMetaDataset:
+    """File meta information: DX for presentation, fixed implementation, Explicit VR LE until encoded."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
     meta.MediaStorageSOPInstanceUID = uid("sop", dicom_id)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = IMPLEMENTATION_UID
     meta.ImplementationVersionName = IMPLEMENTATION_NAME
+    return meta
 
-    ds = Dataset()
-    ds.file_meta = meta
+
+def _set_study(ds: Dataset, dicom_id: str, patient_id: str, study_id: str, sex: str, study_date: str) -> None:
+    """SOP, patient, study and series tags of a PA chest DX (UIDs derived from the ids)."""
     ds.SOPClassUID = DX_FOR_PRESENTATION
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
     ds.StudyDate = study_date
     ds.Modality = "DX"
     ds.PatientName = ""
@@ -105,9 +123,10 @@ def encode(
     ds.StudyID = study_id
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1
-    ds.PatientOrientation = ["L", "F"]
-    ds.ImagerPixelSpacing = [f"{spacing_mm:.4f}", f"{spacing_mm:.4f}"]
-    ds.BurnedInAnnotation = "YES" if burned_in else "NO"
+
+
+def _set_pixel_format(ds: Dataset, acq: Acquisition, shape: tuple[int, int]) -> None:
+    """Image pixel tags: one 12-bit unsigned sample per pixel, MONOCHROME1 or 2, ``shape`` (rows, columns)."""
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME1" if acq.monochrome1 else "MONOCHROME2"
     ds.PresentationLUTShape = "INVERSE" if acq.monochrome1 else "IDENTITY"
@@ -117,6 +136,10 @@ def encode(
     ds.HighBit = 11
     ds.PixelRepresentation = 0
     ds.LossyImageCompression = "00"
+
+
+def _set_value_transforms(ds: Dataset, acq: Acquisition) -> None:
+    """Rescale Slope/Intercept and a linear VOI window covering the stored range, when ``acq`` has them."""
     slope, intercept = 1.0, 0.0
     if acq.rescale is not None:
         ds.RescaleIntercept, ds.RescaleSlope = acq.rescale[1], acq.rescale[0]
@@ -127,13 +150,3 @@ def encode(
         ds.WindowCenter = f"{slope * (lo + hi) / 2 + intercept:.0f}"
         ds.WindowWidth = f"{slope * (hi - lo) * 1.05:.0f}"
         ds.VOILUTFunction = "LINEAR"
-    syntax = SYNTAXES[acq.syntax]
-    if pixels is not None:
-        ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
-        if syntax.is_compressed:
-            ds.compress(syntax, encoding_plugin="pylibjpeg", generate_instance_uid=False)
-    if not syntax.is_compressed:
-        ds.file_meta.TransferSyntaxUID = syntax
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
