@@ -9,25 +9,11 @@ import numpy as np
 import pytest
 
 from cxrgaze.evaluation import bootstrap
-from cxrgaze.evaluation.bootstrap import (
-    Interval,
-    PairedDifference,
-    PairedResult,
-    auc_counts,
-    auc_resampled,
-    auc_resampled_loop,
-    bootstrap_indices,
-    bootstrap_p_value,
-    format_p,
-    macro,
-    p_floor,
-    paired_auc_bootstrap,
-    paired_bootstrap,
-    paper_bootstrap,
-    paper_resample_counts,
-    percentile_bootstrap,
-    percentile_interval,
-)
+from cxrgaze.evaluation.bootstrap import (Interval, auc_counts, auc_resampled, auc_resampled_loop, bootstrap_indices,
+                                          macro, paper_bootstrap, paper_resample_counts, percentile_bootstrap,
+                                          percentile_interval)
+from cxrgaze.evaluation.paired import (PairedDifference, PairedResult, bootstrap_p_value, format_p, p_floor,
+                                       paired_auc_bootstrap, paired_bootstrap)
 from cxrgaze.metrics import auc_summary
 
 # Four cases, two classes. Class 1: positives score 0.35 and 0.8, negatives 0.1 and 0.4;

@@ -165,3 +165,11 @@ def test_sensitivity_ci_is_seeded_and_brackets_the_estimate():
     assert sensitivity_ci(y, scores, n_resamples=300, seed=1) == result
     with pytest.raises(ValueError, match="specificity"):
         sensitivity_ci(y, scores, specificity=0.0)
+
+
+def test_the_evaluate_default_bins_are_the_calibration_modules():
+    """``evaluate.calibration_bins`` defaults to the bins the calibration functions use."""
+    from cxrgaze.config import EvalConfig
+    from cxrgaze.evaluation.calibration import DEFAULT_BINS
+
+    assert EvalConfig().calibration_bins == DEFAULT_BINS

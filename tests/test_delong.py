@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxrgaze.evaluation.bootstrap import paired_auc_bootstrap
 from cxrgaze.evaluation.delong import (DelongResult, delong_covariance, delong_test, placement_values,
                                        structural_components)
+from cxrgaze.evaluation.paired import paired_auc_bootstrap
 
 CLASSES = ("Normal", "CHF", "pneumonia")
 

@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrgaze.evaluation.bootstrap import paired_auc_bootstrap
 from cxrgaze.evaluation.calibration import brier_score, ece_top_label
 from cxrgaze.evaluation.delong import delong_test
 from cxrgaze.evaluation.multiplicity import holm
+from cxrgaze.evaluation.paired import paired_auc_bootstrap
 from cxrgaze.evaluation.scores import load_scores, save_scores, split_from_logits
 from cxrgaze.metrics import auc_summary
 from cxrgaze.report import PAIRED_COLUMNS, build_report, comparison_pairs, load_eval, to_markdown, write_report

@@ -10,15 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from cxrgaze.config import ModelConfig
-from cxrgaze.evaluation.sanity import (
-    balanced_subset,
-    cascade_randomisation,
-    cascade_steps,
-    generator_map_fn,
-    input_dependence,
-    reinitialise,
-    sanity_check,
-)
+from cxrgaze.evaluation.cascade import cascade_randomisation, cascade_steps, reinitialise
+from cxrgaze.evaluation.sanity import balanced_subset, generator_map_fn, input_dependence, sanity_check
 from cxrgaze.models import build_model
 
 SIZE = 32

@@ -59,7 +59,7 @@ class Scores:
 def apply_scoring(logits: np.ndarray, scoring: str) -> np.ndarray:
     """Scores of logits (..., K) in float64: ``sigmoid`` per class or ``softmax`` over the
     last axis, by the one scoring function of :func:`cxrgaze.predict.apply_rule`."""
-    import torch
+    import torch  # here: `cxrgaze report` reads scores.npz without loading torch
 
     from cxrgaze.predict import apply_rule
 
