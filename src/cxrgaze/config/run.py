@@ -1,134 +1,17 @@
-"""One typed source of configuration: ``params.yaml`` sections as frozen dataclasses.
+"""A training run's configuration: ``params.yaml: model``, ``loss``, ``train`` and the
+per-variant overrides ``variants.<name>``, resolved into one :class:`RunConfig`
+(:func:`resolve_run_config`) per variant and training seed (:func:`run_seeds`).
 
-Each DVC stage names the exact ``params.yaml`` keys it reads; the library receives the
-resolved dataclass, and checkpoints and MLflow runs carry ``dataclasses.asdict`` of it.
-Unknown keys are an error (a typo must not silently fall back to a default).
+Checkpoints and MLflow runs carry :meth:`RunConfig.as_dict`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from dataclasses import dataclass, field
+from typing import Any
 
-import yaml
-
-from cxrgaze.variants import VARIANTS, parse_variant  # noqa: F401  (VARIANTS re-exported)
-
-T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A ``params.yaml`` section that cannot be turned into its dataclass."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """How ``prepare`` turns DICOMs and fixations into training arrays (``params.yaml: data``)."""
-
-    image_size: int = 224
-    """Side of the square arrays written by ``prepare`` (pixels)."""
-    resize: str = "stretch"
-    """``stretch``: scale each axis to ``image_size`` like the reference code (aspect ratio
-    not kept); ``pad``: scale the long side to ``image_size`` and centre the image on a black
-    square (aspect kept). Gaze coordinates go through the same mapping either way."""
-    gaze_sigma: float = 150.0
-    """Gaussian sigma of the static gaze heatmap, in original-image pixels (reference: 150)."""
-    gaze_duration_weighted: bool = False
-    """Weight each fixation by its duration ``FPOGD`` instead of +1 (the reference uses +1)."""
-    workers: int = 0
-    """Decoding processes for ``prepare``; 0 means one per CPU core."""
-
-    def __post_init__(self) -> None:
-        if self.resize not in ("stretch", "pad"):
-            raise ConfigError(f"data.resize must be 'stretch' or 'pad', got {self.resize!r}")
-        if self.image_size < 8:
-            raise ConfigError(f"data.image_size must be at least 8, got {self.image_size}")
-        if self.gaze_sigma <= 0:
-            raise ConfigError(f"data.gaze_sigma must be positive, got {self.gaze_sigma}")
-
-
-@dataclass(frozen=True)
-class SplitConfig:
-    """Patient-level train/val/test split (``params.yaml: split``).
-
-    The defaults keep a third of the patients for test, so that the synthetic default
-    (420 patients) has a shortcut-free test split of more than 150 images: a 95 % CI of a
-    macro AUC near 0.7 is then about +-0.07 wide, narrower than the gaps it must resolve.
-    The synthetic generator aligns its shortcut marker to this split (``cxrgaze synth``
-    uses these defaults).
-    """
-
-    seed: int = 42
-    train: float = 0.55
-    val: float = 0.12
-    test: float = 0.33
-
-    def __post_init__(self) -> None:
-        parts = (self.train, self.val, self.test)
-        if any(p < 0 for p in parts) or abs(sum(parts) - 1.0) > 1e-6:
-            raise ConfigError(f"split fractions must be non-negative and sum to 1, got {parts}")
-
-
-def _non_negative(value: Any) -> bool:
-    """A finite number >= 0 (not a bool, not a string)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-
-
-def from_mapping(cls: type[T], mapping: Mapping[str, Any] | None, where: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping, refusing keys it does not know.
-
-    Lists become tuples so that the result stays hashable and frozen.
-    """
-    mapping = dict(mapping or {})
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(mapping) - known)
-    if unknown:
-        raise ConfigError(f"{where or cls.__name__}: unknown key(s) {', '.join(unknown)}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in mapping.items()}
-    try:
-        return cls(**values)
-    except TypeError as exc:  # pragma: no cover - dataclass signature errors
-        raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
-
-
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read ``params.yaml`` (or any YAML mapping) into a plain dict."""
-    path = Path(path)
-    try:
-        with path.open() as fh:
-            params = yaml.safe_load(fh) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such parameters file") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(params, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return params
-
-
-def overlay(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with ``changes`` merged in, mapping by mapping (a profile overlay: it states
-    only what differs; a list or a scalar in ``changes`` replaces the base's value)."""
-    merged = dict(base)
-    for key, value in changes.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = overlay(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def load_section(cls: type[T], section: str, path: str | Path = "params.yaml") -> T:
-    """``from_mapping(cls, load_params(path)[section])`` with errors that name the file."""
-    return from_mapping(cls, load_params(path).get(section), where=f"{path}: {section}")
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    """The resolved config as plain data (for checkpoints, MLflow params, JSON)."""
-    return dataclasses.asdict(config)
+from cxrgaze.config.core import ConfigError, from_mapping, non_negative, to_dict
+from cxrgaze.variants import parse_variant
 
 
 @dataclass(frozen=True)
@@ -205,7 +88,7 @@ class LossConfig:
                 raise ConfigError(f"loss.{name} must be in [0, 1], got {value}")
         for name in ("mass_weight", "outside_weight", "rrr_weight"):
             value = getattr(self, name)
-            if not _non_negative(value):
+            if not non_negative(value):
                 raise ConfigError(f"loss.{name} must be a non-negative number, got {value!r}")
         if self.cls_loss not in ("bce", "ce"):
             raise ConfigError(f"loss.cls_loss must be 'bce' or 'ce', got {self.cls_loss!r}")
@@ -271,7 +154,67 @@ class TrainConfig:
             raise ConfigError(f"train.scheduler must be 'none' or 'cyclic', got {self.scheduler!r}")
         if self.amp is False or self.amp == "off":  # legacy spellings of fp32
             object.__setattr__(self, "amp", "fp32")
-        if not _non_negative(self.selection_gaze_weight):
+        if not non_negative(self.selection_gaze_weight):
             raise ConfigError(f"train.selection_gaze_weight must be a non-negative number, got {self.selection_gaze_weight!r}")
         if self.amp not in ("fp32", "bf16"):
             raise ConfigError(f"train.amp must be 'fp32' or 'bf16', got {self.amp!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a training run (stored in checkpoints and MLflow params)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": to_dict(self.model), "loss": to_dict(self.loss), "train": to_dict(self.train)}
+
+
+def run_seeds(params: dict[str, Any], where: str = "params.yaml") -> tuple[int, ...]:
+    """The training seeds of a params mapping: ``train.seeds`` (a list: every variant is
+    trained once per seed), or ``(train.seed,)`` when there is no list."""
+    train_section = params.get("train") or {}
+    seeds = train_section.get("seeds")
+    if seeds is None:
+        return (int(train_section.get("seed", TrainConfig.seed)),)
+    if (not isinstance(seeds, (list, tuple)) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"{where}: train.seeds must be a non-empty list of distinct non-negative integers, got {seeds!r}")
+    if "seed" in train_section:
+        raise ConfigError(f"{where}: train has both seed and seeds; keep one")
+    return tuple(seeds)
+
+
+def resolve_run_config(params: dict[str, Any], variant: str, where: str = "params.yaml",
+                       seed: int | None = None) -> RunConfig:
+    """The RunConfig of ``variant`` (for one training ``seed``) from a params mapping.
+
+    ``model``, ``loss`` and ``train`` give the common settings; ``variants.<variant>`` may
+    override any of them with its own ``model:``/``loss:``/``train:`` mappings (the
+    reference tuned the baseline and the U-Net separately). ``seed`` defaults to the first
+    of :func:`run_seeds`.
+    """
+    try:
+        parse_variant(variant)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    overrides = dict((params.get("variants") or {}).get(variant) or {})
+    unknown = sorted(set(overrides) - {"model", "loss", "train"})
+    if unknown:
+        raise ConfigError(f"{where}: variants.{variant}: unknown section(s) {', '.join(unknown)}")
+    sections = {}
+    for name in ("model", "loss", "train"):
+        merged = {**(params.get(name) or {}), **(overrides.get(name) or {})}
+        if name == "train":
+            merged.update(variant=variant)
+            merged.pop("seeds", None)
+            merged["seed"] = run_seeds(params, where)[0] if seed is None else seed
+        sections[name] = merged
+    return RunConfig(
+        model=from_mapping(ModelConfig, sections["model"], where=f"{where}: model"),
+        loss=from_mapping(LossConfig, sections["loss"], where=f"{where}: loss"),
+        train=from_mapping(TrainConfig, sections["train"], where=f"{where}: train"),
+    )
