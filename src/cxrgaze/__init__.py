@@ -8,3 +8,9 @@ __version__ = "0.1.0"
 
 CLASSES: tuple[str, ...] = ("Normal", "CHF", "pneumonia")
 """Class order used everywhere: label columns, logits, probabilities, reports."""
+
+DATA_VERSION_ENV = "CXRGAZE_DATA_VERSION"
+"""Environment variable with the data version every MLflow run is tagged with
+(``cxrgaze.data_version``). The library does not know where data is versioned: the entry
+points that do (the CLI and the DVC stages, through :mod:`cxrgaze.layout`: the md5 that
+DVC records for the data) set it, and spawned tuning workers and ``torchrun`` ranks inherit it."""

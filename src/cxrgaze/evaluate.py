@@ -51,60 +51,26 @@ import torch
 from tqdm.auto import tqdm
 
 from cxrgaze import CLASSES
-from cxrgaze.config import ConfigError, ModelConfig, from_mapping
+from cxrgaze.checkpoint import LoadedModel, load_model
+from cxrgaze.config import EvalConfig
 from cxrgaze.data.dataset import SplitTensors, load_split
-from cxrgaze.evaluation.calibration import DEFAULT_BINS, brier_score, ece_per_class, ece_top_label
+from cxrgaze.data.prepared import PreparedDir
+from cxrgaze.evaluation.bootstrap import paper_bootstrap, percentile_bootstrap
+from cxrgaze.evaluation.calibration import brier_score, ece_per_class, ece_top_label
 from cxrgaze.evaluation.operating_point import sensitivity_ci
-from cxrgaze.evaluation.saliency import average_by_map
+from cxrgaze.evaluation.saliency import average_by_map, box_mass, saliency_scores
 from cxrgaze.evaluation.sanity import generator_map_fn, sanity_check
 from cxrgaze.evaluation.scores import FILENAME as SCORES_FILE
 from cxrgaze.evaluation.scores import SplitScores, load_scores, save_scores, split_from_logits
-from cxrgaze.variants import parse_variant, variant_of
+from cxrgaze.explain import generator_maps
+from cxrgaze.explain.gradcam import gradcam
 from cxrgaze.metrics import auc_summary
-from cxrgaze.models import GazeNet, build_model
+from cxrgaze.models import GazeNet
 from cxrgaze.predict import predict_logits, scoring_rule, selection_metrics
 from cxrgaze.runtime import resolve_device
-from cxrgaze.train import load_checkpoint
 
 MAPS = ("mask", "generator", "gradcam")
 """The heatmaps compared with gaze."""
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """``params.yaml: evaluate``."""
-
-    n_resamples: int = 2000
-    """Percentile bootstrap: full-size resamples."""
-    confidence: float = 0.95
-    paper_resamples: int = 30
-    """The paper's protocol: resamples ..."""
-    paper_size: tuple[int, int] = (55, 60)
-    """... of a size drawn uniformly from this inclusive range."""
-    seed: int = 0
-    panel_per_class: int = 2
-    """Heatmap panel: up to this many right and this many wrong test cases per class."""
-    batch_size: int = 32
-    device: str = "auto"
-    calibration_bins: int = DEFAULT_BINS
-    """Equal-width bins of the expected calibration error and the reliability diagram."""
-    specificity: float = 0.9
-    """Operating point: sensitivity per class at this specificity (with a bootstrap CI)."""
-    sanity_images: int = 16
-    """Images per split (balanced over classes) used by the generator sanity checks."""
-
-    def __post_init__(self) -> None:
-        if self.calibration_bins < 2 or not 0.5 <= self.specificity < 1.0 or self.sanity_images < 2:
-            raise ConfigError("evaluate: calibration_bins must be >= 2, specificity in [0.5, 1) and sanity_images >= 2; "
-                              f"got {self.calibration_bins}, {self.specificity}, {self.sanity_images}")
-        if self.n_resamples < 100:
-            raise ConfigError(f"evaluate.n_resamples must be at least 100, got {self.n_resamples}")
-        if not 0.5 < self.confidence < 1.0:
-            raise ConfigError(f"evaluate.confidence must be in (0.5, 1), got {self.confidence}")
-        low, high = tuple(self.paper_size)
-        if not 1 <= low <= high:
-            raise ConfigError(f"evaluate.paper_size must be [low, high] with 1 <= low <= high, got {self.paper_size}")
-        object.__setattr__(self, "paper_size", (int(low), int(high)))
 
 
 @dataclass
@@ -113,16 +79,6 @@ class EvalResult:
     metrics: dict[str, float]
     out_dir: Path
     figures: dict[str, Path] = field(default_factory=dict)
-
-
-def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tuple[GazeNet, dict[str, Any]]:
-    """The model of a cxrgaze checkpoint in eval mode, and the checkpoint's config."""
-    ckpt = load_checkpoint(checkpoint)
-    config = ckpt["config"]
-    variant = config["train"]["variant"]
-    model = build_model(from_mapping(ModelConfig, config["model"], where=f"{checkpoint}: model"), variant=variant)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), config
 
 
 SANITY_PREFIX = {"val": "val_sanity_generator_", "test": "sanity_generator_"}
@@ -158,8 +114,6 @@ def _prediction_frame(split: str, data: SplitTensors, scores: np.ndarray) -> pd.
 
 def ci_metrics(prefix: str, y: np.ndarray, probs: np.ndarray, cfg: EvalConfig) -> dict[str, float]:
     """Percentile-bootstrap CI and paper-protocol percentiles of every AUC, as flat metrics."""
-    from cxrgaze.evaluation.bootstrap import paper_bootstrap, percentile_bootstrap
-
     out: dict[str, float] = {}
     level = int(round(cfg.confidence * 100))
     for key, iv in percentile_bootstrap(y, probs, n_resamples=cfg.n_resamples, confidence=cfg.confidence,
@@ -178,9 +132,6 @@ def compute_heatmaps(model: GazeNet, images: torch.Tensor, target: torch.Tensor,
                      device: torch.device, batch_size: int = 32) -> dict[str, np.ndarray | None]:
     """The three maps of ``images`` (N, 1, S, S) for classes ``target`` (N,): each (N, S, S)
     in [0, 1], ``mask`` None for a model without decoder."""
-    from cxrgaze.explain import generator_maps
-    from cxrgaze.explain.gradcam import gradcam
-
     masks, generators, cams = [], [], []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device, torch.float32)
@@ -198,27 +149,23 @@ def compute_heatmaps(model: GazeNet, images: torch.Tensor, target: torch.Tensor,
 
 def _points_and_boxes(prepared_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per dicom id: fixation points (F, 2) x,y; finding boxes (B, 4); marker boxes (B, 4)."""
-    fixations = pd.read_csv(prepared_dir / "fixations.csv", dtype={"dicom_id": str})
-    points = {k: g[["x", "y"]].to_numpy(np.float64) for k, g in fixations.groupby("dicom_id", sort=False)}
+    folder = PreparedDir(prepared_dir)
+    points = {k: g[["x", "y"]].to_numpy(np.float64) for k, g in folder.fixations().groupby("dicom_id", sort=False)}
     findings: dict[str, np.ndarray] = {}
     markers: dict[str, np.ndarray] = {}
-    boxes_csv = prepared_dir / "boxes.csv"
-    if boxes_csv.exists() and boxes_csv.stat().st_size > 0:
-        boxes = pd.read_csv(boxes_csv, dtype={"dicom_id": str, "bbox_name": str})
-        if len(boxes):
-            name = boxes["bbox_name"].str.strip().str.lower()
-            cols = ["x1", "x2", "y1", "y2"]
-            for k, g in boxes[name.str.startswith("finding")].groupby("dicom_id", sort=False):
-                findings[k] = g[cols].to_numpy(np.float64)
-            for k, g in boxes[name == "marker"].groupby("dicom_id", sort=False):
-                markers[k] = g[cols].to_numpy(np.float64)
+    boxes = folder.boxes()
+    if boxes is not None and len(boxes):
+        name = boxes["bbox_name"].str.strip().str.lower()
+        cols = ["x1", "x2", "y1", "y2"]
+        for k, g in boxes[name.str.startswith("finding")].groupby("dicom_id", sort=False):
+            findings[k] = g[cols].to_numpy(np.float64)
+        for k, g in boxes[name == "marker"].groupby("dicom_id", sort=False):
+            markers[k] = g[cols].to_numpy(np.float64)
     return points, findings, markers
 
 
 def saliency_table(maps: dict[str, np.ndarray | None], data: SplitTensors, prepared_dir: Path) -> pd.DataFrame:
     """One row per (case, map) with every agreement metric against that case's gaze."""
-    from cxrgaze.evaluation.saliency import box_mass, saliency_scores
-
     points, findings, markers = _points_and_boxes(prepared_dir)
     gaze = data.gaze[:, 0].float().numpy()  # (N, S, S)
     rows = []
@@ -253,15 +200,35 @@ def evaluate(
     figures_dir.mkdir(parents=True, exist_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    model, run_config = load_model(checkpoint, device)
-    variant = run_config["train"]["variant"]
-    cls_loss = run_config["loss"]["cls_loss"]
-    scoring = scoring_rule(cls_loss)
-    steps = tqdm(total=5, desc=f"evaluate {variant}", disable=not progress, leave=False)
+    loaded = load_model(checkpoint, device)
+    steps = tqdm(total=5, desc=f"evaluate {loaded.variant.name}", disable=not progress, leave=False)
+    metrics, split_data = _score_splits(loaded, prepared_dir, split_csv, out_dir, cfg, device, steps)
+    maps = _heatmap_metrics(loaded, split_data, prepared_dir, out_dir, cfg, device, metrics, steps)
+    _sanity_metrics(loaded, split_data, out_dir, cfg, metrics)
+    test, test_probs = split_data["test"]
+    figures = _write_figures(figures_dir, test, test_probs, maps, cfg, history_csv)
+    steps.update()
+    steps.close()
+    metrics = {k: (float(v) if v is not None else math.nan) for k, v in metrics.items()}
+    variant = loaded.variant.name
+    (out_dir / "metrics.json").write_text(json.dumps({"variant": variant, **_json_safe(metrics)}, indent=2,
+                                                     sort_keys=True) + "\n")
+    return EvalResult(variant=variant, metrics=metrics, out_dir=out_dir, figures=figures)
 
+
+SplitData = dict[str, tuple[SplitTensors, np.ndarray]]
+"""Per split (``val``, ``test``): the split's tensors and the model's scores (N, K) float64."""
+
+
+def _score_splits(loaded: LoadedModel, prepared_dir: Path, split_csv: str | Path, out_dir: Path, cfg: EvalConfig,
+                  device: torch.device, steps: tqdm) -> tuple[dict[str, float], SplitData]:
+    """AUCs with CIs, calibration, accuracy and (validation) the selection score per split;
+    writes ``scores.npz`` and ``predictions.csv``."""
+    model, run_config = loaded.model, loaded.config
+    scoring = scoring_rule(run_config["loss"]["cls_loss"])
     metrics: dict[str, float] = {"n_seeds": 1.0}
     predictions = []
-    split_data: dict[str, tuple[SplitTensors, np.ndarray]] = {}
+    split_data: SplitData = {}
     scores: dict[str, SplitScores] = {}
     for split in ("val", "test"):
         data = load_split(prepared_dir, split_csv, split)
@@ -279,7 +246,7 @@ def evaluate(
         metrics[f"{split}_n"] = float(len(y))
         if split == "val":  # the checkpoint-selection score, as training computed it (`register.metric: val_selection`)
             metrics.update(selection_metrics(model, data.images, data.gaze, data.labels, metrics["val_auc_macro"],
-                                             variant_of(run_config).generator,
+                                             loaded.variant.generator,
                                              float(run_config["train"].get("selection_gaze_weight", 0.0)),
                                              device, cfg.batch_size))
         predictions.append(_prediction_frame(split, data, probs))
@@ -287,38 +254,40 @@ def evaluate(
     save_scores(out_dir / SCORES_FILE, scores, [run_config["train"]["seed"]], scoring, CLASSES[:probs.shape[1]])
     pd.concat(predictions, ignore_index=True).to_csv(out_dir / "predictions.csv", index=False,
                                                      float_format="%.6f", lineterminator="\n")
+    return metrics, split_data
 
-    spec = parse_variant(variant)
+
+def _heatmap_metrics(loaded: LoadedModel, split_data: SplitData, prepared_dir: Path, out_dir: Path, cfg: EvalConfig,
+                     device: torch.device, metrics: dict[str, float], steps: tqdm) -> dict[str, np.ndarray | None]:
+    """Heatmaps of the predicted class vs gaze per split into ``metrics`` and ``saliency.csv``
+    (val: the registry's evidence; test: the report's); returns the test split's maps."""
+    spec = loaded.variant
     tables = []
-    for split, (data, probs) in split_data.items():  # val: the registry's evidence; test: the report's
+    for split, (data, probs) in split_data.items():
         pred = torch.from_numpy(probs.argmax(1))
-        maps = compute_heatmaps(model, data.images, pred, spec.generator, device, cfg.batch_size)
+        maps = compute_heatmaps(loaded.model, data.images, pred, spec.generator, device, cfg.batch_size)
         if not spec.trains_mask:
             maps["mask"] = None  # baseline and rrr have no decoder; set 1's is never trained, so its mask means nothing
         table = saliency_table(maps, data, prepared_dir)
         metrics.update(average_by_map(table, prefix=f"{split}_sal_"))
         tables.append(table.assign(split=split))
-        if split == "test":
-            test, test_probs, test_maps = data, probs, maps
         steps.update()
     pd.concat(tables, ignore_index=True).to_csv(out_dir / "saliency.csv", index=False, float_format="%.6f",
                                                 lineterminator="\n")
+    return maps  # the last split's: test
+
+
+def _sanity_metrics(loaded: LoadedModel, split_data: SplitData, out_dir: Path, cfg: EvalConfig,
+                    metrics: dict[str, float]) -> None:
+    """The generator's sanity checks per split into ``metrics`` and ``sanity.json``."""
     sanity = {}
     for split, (data, probs) in split_data.items():  # val: the registry's evidence; test: the report's
-        result = sanity_check(model, generator_map_fn(spec.generator), data.images,
+        result = sanity_check(loaded.model, generator_map_fn(loaded.variant.generator), data.images,
                               torch.from_numpy(probs.argmax(1)), classes=data.labels, n_images=cfg.sanity_images,
                               seed=cfg.seed, batch_size=cfg.batch_size)
         metrics.update(result.to_metrics(SANITY_PREFIX[split]))
         sanity[split] = _json_safe(result.to_metrics("")) | {"reasons": result.reasons}
     (out_dir / "sanity.json").write_text(json.dumps(sanity, indent=2, sort_keys=True) + "\n")
-
-    figures = _write_figures(figures_dir, test, test_probs, test_maps, cfg, history_csv)
-    steps.update()
-    steps.close()
-    metrics = {k: (float(v) if v is not None else math.nan) for k, v in metrics.items()}
-    (out_dir / "metrics.json").write_text(json.dumps({"variant": variant, **_json_safe(metrics)}, indent=2,
-                                                     sort_keys=True) + "\n")
-    return EvalResult(variant=variant, metrics=metrics, out_dir=out_dir, figures=figures)
 
 
 def _json_safe(metrics: dict[str, float]) -> dict[str, float | None]:
@@ -328,9 +297,9 @@ def _json_safe(metrics: dict[str, float]) -> dict[str, float | None]:
 
 def _write_figures(figures_dir: Path, test: SplitTensors, probs: np.ndarray, maps: dict[str, np.ndarray | None],
                    cfg: EvalConfig, history_csv: str | Path | None) -> dict[str, Path]:
+    # matplotlib only when figures are drawn: training imports this module (through cxrgaze.experiment)
     from cxrgaze.evaluation.figures import (PanelRow, confusion_matrix_figure, heatmap_panel, reliability_diagram,
-                                            roc_curves,
-                                            select_panel_cases, training_curves)
+                                            roc_curves, select_panel_cases, training_curves)
 
     y = test.labels.numpy()
     pred = probs.argmax(1)

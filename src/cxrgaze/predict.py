@@ -21,6 +21,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from cxrgaze.explain import UnsupportedActivation, generator_maps
+from cxrgaze.losses import outside_mass
 from cxrgaze.models import class_logits
 
 SCORING: dict[str, str] = {"bce": "sigmoid", "ce": "softmax"}
@@ -72,9 +74,6 @@ def generator_outside_mass(model: nn.Module, images: Tensor, gaze: Tensor, targe
     """Share of each image's generator map mass outside its gaze (N,) in [0, 1]
     (:func:`cxrgaze.losses.outside_mass` of :func:`cxrgaze.explain.generator_maps`), in eval
     mode, explaining ``targets`` (N,); on the CPU in float32."""
-    from cxrgaze.explain import generator_maps
-    from cxrgaze.losses import outside_mass
-
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
@@ -90,8 +89,6 @@ def selection_metrics(model: nn.Module, images: Tensor, gaze: Tensor, labels: Te
     explaining the true class) and ``val_selection`` (:func:`selection_score`): what training,
     tuning and evaluation record. An encoder that ``rule`` has no backward rule for loses the
     diagnostic (NaN) unless ``gaze_weight`` needs it, which is an error."""
-    from cxrgaze.explain import UnsupportedActivation
-
     try:
         mass = float(generator_outside_mass(model, images, gaze, labels, rule, device, batch_size).mean())
     except UnsupportedActivation as exc:

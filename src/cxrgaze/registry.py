@@ -25,53 +25,28 @@ Rules (:func:`register_and_promote`):
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import mlflow
+import numpy as np
+import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from cxrgaze.config import ConfigError
+from cxrgaze import CLASSES
+from cxrgaze.config import RegisterConfig
+from cxrgaze.data.prepared import PreparedDir
+from cxrgaze.metrics import auc_summary
+from cxrgaze.tracking import EVALUATED_TAG
 
-EVALUATED_TAG = "cxrgaze.evaluated"
-GATE_KEYS = ("min_gaze_cc", "require_sanity")
 EVIDENCE_METRICS = {"val_gaze_cc": "val_sal_generator_cc", "sanity": "val_sanity_generator_passed"}
 """Evidence tag name -> the run metric it is read from."""
-
-
-@dataclass(frozen=True)
-class RegisterConfig:
-    """``params.yaml: register``."""
-
-    model_name: str = "cxrgaze"
-    alias: str = "champion"
-    min_delta: float = 0.0
-    """The champion moves only when a candidate's validation macro AUC is higher by more than this."""
-    metric: str = "val_auc_macro"
-    gate: Mapping[str, Any] = field(default_factory=dict)
-    """Explanation gate on validation evidence (empty: none). ``min_gaze_cc``: the
-    generator map's mean CC with the gaze on validation must reach this; ``require_sanity``:
-    the generator must pass the sanity checks (parameter randomisation, input dependence)."""
-
-    def __post_init__(self) -> None:
-        gate = dict(self.gate or {})
-        unknown = sorted(set(gate) - set(GATE_KEYS))
-        if unknown:
-            raise ConfigError(f"register.gate: unknown key(s) {', '.join(unknown)}; expected {', '.join(GATE_KEYS)}")
-        cc = gate.get("min_gaze_cc")
-        if cc is not None and (isinstance(cc, bool) or not isinstance(cc, (int, float)) or not -1.0 <= cc <= 1.0):
-            raise ConfigError(f"register.gate.min_gaze_cc must be null or a number in [-1, 1], got {cc!r}")
-        if not isinstance(gate.get("require_sanity", False), bool):
-            raise ConfigError(f"register.gate.require_sanity must be true or false, got {gate['require_sanity']!r}")
-        object.__setattr__(self, "gate", gate)
-        if not 0.0 <= self.min_delta < 1.0:
-            raise ConfigError(f"register.min_delta must be in [0, 1), got {self.min_delta}")
-        if not self.model_name or not self.alias:
-            raise ConfigError("register.model_name and register.alias must not be empty")
 
 
 @dataclass(frozen=True)
@@ -171,30 +146,9 @@ def register_and_promote(
     decision = Decision(champion_version=None, promoted=False, reason="")
     scored: list[tuple[float, ModelVersion, str]] = []
     for cand in candidates:
-        run = client.get_run(cand.run_id)
-        score = run.data.metrics.get(cfg.metric)
-        if run.info.status != "FINISHED" or run.data.tags.get(EVALUATED_TAG) != "true":
-            decision.skipped[cand.label] = (f"run {cand.run_id} is {run.info.status}"
-                                            f"{'' if run.data.tags.get(EVALUATED_TAG) == 'true' else ', not evaluated'}")
-            continue
-        if score is None or not math.isfinite(score):
-            decision.skipped[cand.label] = f"run {cand.run_id} has no finite {cfg.metric}"
-            continue
-        version = _find_version(client, cfg.model_name, cand) or _register(client, cfg, cand, run, data_version,
-                                                                             val_set)
-        client.set_model_version_tag(cfg.model_name, version.version, _score_key(data_version, val_set), str(score))
-        decision.versions[cand.label] = str(version.version)
-        evidence = decision.evidence[cand.label] = explanation_evidence(run.data.metrics)
-        for name, value in evidence.items():
-            client.set_model_version_tag(cfg.model_name, version.version, f"cxrgaze.evidence.{name}",
-                                         "not logged" if value is None else f"{value:.4f}")
-        refusal = gate_failure(evidence, cfg.gate)
-        client.set_model_version_tag(cfg.model_name, version.version, "cxrgaze.gate",
-                                     f"refused: {refusal}" if refusal else ("passed" if gate_active(cfg.gate) else "no gate"))
-        if refusal:
-            decision.refused[cand.label] = refusal
-            continue
-        scored.append((score, version, cand.label))
+        entry = _register_candidate(client, cfg, cand, data_version, val_set, decision)
+        if entry is not None:
+            scored.append(entry)
     current = _champion(client, cfg)
     champion_refusal = _champion_refusal(client, cfg, current)
     if not scored:
@@ -207,26 +161,9 @@ def register_and_promote(
         return decision
 
     best_score, best, best_variant = max(scored, key=lambda t: t[0])  # max keeps the first of equal scores
-    if current is None:
-        decision.promoted = True
-        decision.reason = f"first champion: {best_variant} v{best.version}, {cfg.metric} {best_score:.4f}"
-    elif str(current.version) == str(best.version):
-        decision.reason = f"v{best.version} ({best_variant}) is already the champion"
-    elif champion_refusal:
-        decision.promoted = True
-        decision.reason = (f"champion v{current.version} fails the explanation gate ({champion_refusal}): the best "
-                           f"candidate that passes, {best_variant} v{best.version} ({cfg.metric} {best_score:.4f}), "
-                           "takes the alias")
-    else:
-        champion_score = _champion_score(client, cfg, current, data_version, val_set, reevaluate)
-        if best_score > champion_score + cfg.min_delta:
-            decision.promoted = True
-            decision.reason = (f"{best_variant} v{best.version} {cfg.metric} {best_score:.4f} beats champion "
-                               f"v{current.version} ({champion_score:.4f}) by more than min_delta {cfg.min_delta}")
-        else:
-            decision.reason = (f"best candidate {best_variant} v{best.version} {cfg.metric} {best_score:.4f} does not "
-                               f"beat champion v{current.version} ({champion_score:.4f}) by more than "
-                               f"min_delta {cfg.min_delta}")
+    decision.promoted, decision.reason = _promotion(
+        cfg, (best_score, best, best_variant), current, champion_refusal,
+        lambda: _champion_score(client, cfg, current, data_version, val_set, reevaluate))
     if decision.promoted:
         client.set_registered_model_alias(cfg.model_name, cfg.alias, best.version)
     decision.champion_version = _current(client, cfg)
@@ -235,6 +172,57 @@ def register_and_promote(
             f"not the best candidate of this run ({best_variant} v{best.version}); {decision.reason}")
         client.set_model_version_tag(cfg.model_name, version.version, "cxrgaze.decision", note[:5000])
     return decision
+
+
+def _register_candidate(client: MlflowClient, cfg: RegisterConfig, cand: Candidate, data_version: str,
+                        val_set: str, decision: Decision) -> tuple[float, ModelVersion, str] | None:
+    """Register ``cand`` (once) and tag its score, evidence and gate verdict; ``(score,
+    version, label)`` when it may be promoted, None when skipped or refused (noted in
+    ``decision``)."""
+    run = client.get_run(cand.run_id)
+    score = run.data.metrics.get(cfg.metric)
+    if run.info.status != "FINISHED" or run.data.tags.get(EVALUATED_TAG) != "true":
+        decision.skipped[cand.label] = (f"run {cand.run_id} is {run.info.status}"
+                                        f"{'' if run.data.tags.get(EVALUATED_TAG) == 'true' else ', not evaluated'}")
+        return None
+    if score is None or not math.isfinite(score):
+        decision.skipped[cand.label] = f"run {cand.run_id} has no finite {cfg.metric}"
+        return None
+    version = _find_version(client, cfg.model_name, cand) or _register(client, cfg, cand, run, data_version, val_set)
+    client.set_model_version_tag(cfg.model_name, version.version, _score_key(data_version, val_set), str(score))
+    decision.versions[cand.label] = str(version.version)
+    evidence = decision.evidence[cand.label] = explanation_evidence(run.data.metrics)
+    for name, value in evidence.items():
+        client.set_model_version_tag(cfg.model_name, version.version, f"cxrgaze.evidence.{name}",
+                                     "not logged" if value is None else f"{value:.4f}")
+    refusal = gate_failure(evidence, cfg.gate)
+    client.set_model_version_tag(cfg.model_name, version.version, "cxrgaze.gate",
+                                 f"refused: {refusal}" if refusal else ("passed" if gate_active(cfg.gate) else "no gate"))
+    if refusal:
+        decision.refused[cand.label] = refusal
+        return None
+    return score, version, cand.label
+
+
+def _promotion(cfg: RegisterConfig, best_entry: tuple[float, ModelVersion, str], current: ModelVersion | None,
+               champion_refusal: str | None, champion_score: Callable[[], float]) -> tuple[bool, str]:
+    """``(promoted, reason)``: whether the best candidate takes the alias from ``current``
+    and why. ``champion_score()`` is asked only when the scores decide."""
+    best_score, best, best_variant = best_entry
+    if current is None:
+        return True, f"first champion: {best_variant} v{best.version}, {cfg.metric} {best_score:.4f}"
+    if str(current.version) == str(best.version):
+        return False, f"v{best.version} ({best_variant}) is already the champion"
+    if champion_refusal:
+        return True, (f"champion v{current.version} fails the explanation gate ({champion_refusal}): the best "
+                      f"candidate that passes, {best_variant} v{best.version} ({cfg.metric} {best_score:.4f}), "
+                      "takes the alias")
+    score = champion_score()
+    if best_score > score + cfg.min_delta:
+        return True, (f"{best_variant} v{best.version} {cfg.metric} {best_score:.4f} beats champion "
+                      f"v{current.version} ({score:.4f}) by more than min_delta {cfg.min_delta}")
+    return False, (f"best candidate {best_variant} v{best.version} {cfg.metric} {best_score:.4f} does not "
+                   f"beat champion v{current.version} ({score:.4f}) by more than min_delta {cfg.min_delta}")
 
 
 def _champion_refusal(client: MlflowClient, cfg: RegisterConfig, champion: ModelVersion | None) -> str | None:
@@ -296,16 +284,7 @@ def _champion_score(client: MlflowClient, cfg: RegisterConfig, champion: ModelVe
 def val_auc_of_model(model_uri: str, prepared_dir, split_csv, dicom_dir, batch_size: int = 16) -> float:
     """Validation macro AUC of a logged/registered model on the current data, computed the way
     it is served: raw DICOM bytes through the model's own preprocessing."""
-    import base64
-    from pathlib import Path
-
-    import numpy as np
-    import pandas as pd
-
-    from cxrgaze import CLASSES
-    from cxrgaze.metrics import auc_summary
-
-    manifest = pd.read_csv(Path(prepared_dir) / "manifest.csv", dtype=str).set_index("dicom_id")
+    manifest = PreparedDir(prepared_dir).manifest().set_index("dicom_id")
     split = pd.read_csv(split_csv, dtype=str)
     val = split[split["split"] == "val"]
     model = mlflow.pyfunc.load_model(model_uri)

@@ -32,13 +32,15 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import mlflow
-import yaml
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from cxrgaze import DATA_VERSION_ENV
 from cxrgaze.errors import reason
 
 EXPERIMENT = "cxrgaze"
@@ -50,6 +52,10 @@ RUN_FILE = "run.json"
 
 CHECKPOINT_TAG = "cxrgaze.checkpoint_sha256"
 """Tag of a run that trained (or evaluated) a checkpoint: the SHA-256 of its ``best.pt``."""
+
+EVALUATED_TAG = "cxrgaze.evaluated"
+"""``true`` on a run that holds a finished evaluation and its servable model (the registry
+considers only these)."""
 
 EVALUATION_TAG = "cxrgaze.evaluation_sha256"
 """Tag of an evaluation run: the SHA-256 of the ``metrics.json`` it wrote."""
@@ -93,16 +99,9 @@ def set_experiment(name: str | None = None) -> str:
                             f"{reason(exc)}") from exc
 
 
-def data_version(root: str | Path = ".") -> str | None:
-    """The data version: the md5 that ``data.dvc`` records for ``data/`` (None without one)."""
-    path = Path(root) / "data.dvc"
-    if not path.exists():
-        return None
-    try:
-        outs = yaml.safe_load(path.read_text()).get("outs") or []
-    except (yaml.YAMLError, AttributeError):
-        return None
-    return str(outs[0].get("md5")) if outs and outs[0].get("md5") else None
+def data_version() -> str | None:
+    """The data version runs are tagged with: :data:`DATA_VERSION_ENV` (None when unset)."""
+    return os.environ.get(DATA_VERSION_ENV) or None
 
 
 def git_commit(root: str | Path = ".") -> str | None:
@@ -163,8 +162,6 @@ def find_runs(tags: Mapping[str, str]) -> list[Any]:
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that decide a result."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"python": platform.python_version()}
     for name in ("cxrgaze", "torch", "segmentation-models-pytorch", "timm", "mlflow", "pydicom", "numpy"):
         try:
@@ -179,10 +176,10 @@ def run_tags(variant: str | None = None, device: str | None = None, root: str | 
     """The tags every cxrgaze run carries: variant, device, git commit, revision and DVC
     experiment (:func:`run_context`), data version, library versions.
 
-    ``data_hash`` overrides the ``data.dvc`` lookup (e.g. the hash recorded by ``prepare``).
+    ``data_hash`` overrides :func:`data_version` (the entry point's).
     """
     tags = {"cxrgaze.variant": variant, "cxrgaze.device": device, "mlflow.source.git.commit": git_commit(root),
-            "cxrgaze.data_version": data_hash or data_version(root), **run_context(root)}
+            "cxrgaze.data_version": data_hash or data_version(), **run_context(root)}
     tags.update({f"cxrgaze.version.{k}": v for k, v in library_versions().items()})
     return {k: str(v) for k, v in tags.items() if v is not None}
 
@@ -258,8 +255,6 @@ class EpochLogger:
         if self.run_id is None:
             mlflow.log_metrics(metrics, step=step)
         else:
-            from mlflow.entities import Metric
-
             now = int(time.time() * 1000)
             MlflowClient().log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
 

@@ -132,8 +132,3 @@ def parse_variant(name: str) -> Variant:
         f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)} "
         f"(or {'/'.join(_WITH_RULE)} with any of {', '.join(GENERATOR_RULES)})"
     )
-
-
-def variant_of(config: dict) -> Variant:
-    """The :class:`Variant` of a checkpoint's or run's config dict (``config["train"]["variant"]``)."""
-    return parse_variant(config["train"]["variant"])

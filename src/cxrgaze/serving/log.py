@@ -15,17 +15,21 @@ from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from cxrgaze import CLASSES
+from cxrgaze.checkpoint import checkpoint_variant, load_checkpoint
 from cxrgaze.config import DataConfig
+from cxrgaze.data.synth.anatomy import sample_anatomy
+from cxrgaze.data.synth.dicom import Acquisition, encode, stored_pixels
+from cxrgaze.data.synth.phantom import render
 from cxrgaze.serving.model import (ARTIFACT_CHECKPOINT, ARTIFACT_CONFIG, INPUT_COLUMN, default_heatmap, output_columns,
                                    write_config)
 from cxrgaze.serving.preprocess import Limits
-from cxrgaze.variants import variant_of
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 """The ``cxrgaze`` package folder, logged with the model as its code."""
@@ -56,11 +60,6 @@ def example_dicom(side: int = 128) -> bytes:
     PA chest phantom (``side`` x ``side``, 12-bit DX, explicit VR little endian) with fixed,
     made-up identifiers. Never a file of the user's data: patient data must not travel
     inside a model artifact."""
-    import numpy as np
-
-    from cxrgaze.data.synth_dicom import Acquisition, encode, stored_pixels
-    from cxrgaze.data.synth_phantom import render, sample_anatomy
-
     rng = np.random.default_rng(0)
     phantom = render(sample_anatomy(rng, "Normal"), side, side, rng)
     acq = Acquisition(syntax="explicit", monochrome1=False, rescale=None, window=False, low=200, high=3800)
@@ -79,10 +78,8 @@ def log_model(checkpoint: Path, data_config: DataConfig, input_example: bytes | 
     :class:`~cxrgaze.serving.preprocess.Limits`).
     """
     input_example = example_dicom() if input_example is None else input_example
-    from cxrgaze.train import load_checkpoint
 
-    ckpt = load_checkpoint(checkpoint)
-    has_decoder = variant_of(ckpt["config"]).has_decoder
+    has_decoder = checkpoint_variant(load_checkpoint(checkpoint)).has_decoder
     example = pd.DataFrame({INPUT_COLUMN: [base64.b64encode(input_example).decode("ascii")]})
     with tempfile.TemporaryDirectory(prefix="cxrgaze-serving-") as tmp:
         config = write_config(Path(tmp) / "serving_config.json", data_config, CLASSES, limits)

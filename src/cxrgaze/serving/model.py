@@ -29,7 +29,7 @@ grid at once, so a batch holds at most one decoded full-size image; inference ru
 chunks of :data:`CHUNK` images under a lock (the scoring server calls ``predict`` from
 several threads; Grad-CAM hooks the model).
 
-The artifacts are the checkpoint (``cxrgaze.train`` format) and a JSON config written by
+The artifacts are the checkpoint (:mod:`cxrgaze.checkpoint` format) and a JSON config written by
 :func:`write_config`: the ``DataConfig`` fields that shaped the training arrays, the class
 names and the image size limits. The device is ``CXRGAZE_DEVICE`` (default ``auto``: CUDA
 when present); the limits may be overridden where the model runs (see
@@ -55,8 +55,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 
-from cxrgaze.config import DataConfig, ModelConfig, from_mapping
+from cxrgaze.checkpoint import load_checkpoint, model_from_checkpoint
+from cxrgaze.config import DataConfig, from_mapping
+from cxrgaze.explain import generator_maps, trace
+from cxrgaze.explain.gradcam import gradcam
+from cxrgaze.models import class_logits
 from cxrgaze.predict import scores_from_logits, scoring_rule
+from cxrgaze.runtime import resolve_device
 from cxrgaze.serving.preprocess import InputError, Limits, decode_base64, preprocess
 
 HEATMAPS: tuple[str, ...] = ("mask", "gbp", "gradcam", "none")
@@ -95,18 +100,12 @@ class CxrGazeModel(mlflow.pyfunc.PythonModel):
     :func:`cxrgaze.serving.log.log_model`."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from cxrgaze.models import build_model
-        from cxrgaze.runtime import resolve_device
-        from cxrgaze.train import load_checkpoint
-
         config = json.loads(Path(context.artifacts[ARTIFACT_CONFIG]).read_text())
         self.data_config = from_mapping(DataConfig, config["data"], where="serving config: data")
         self.classes: tuple[str, ...] = tuple(config["classes"])
         self.limits = Limits.from_env(Limits(**config["limits"]))
         checkpoint = load_checkpoint(context.artifacts[ARTIFACT_CHECKPOINT])
-        model_config = from_mapping(ModelConfig, checkpoint["config"]["model"], where="checkpoint: model")
-        model = build_model(model_config, variant=checkpoint["config"]["train"]["variant"])
-        model.load_state_dict(checkpoint["model"])
+        model = model_from_checkpoint(checkpoint)
         self.cls_loss = checkpoint["config"]["loss"]["cls_loss"]
         self.device = resolve_device(os.environ.get("CXRGAZE_DEVICE", "auto"))
         self.model = model.to(self.device).eval()
@@ -174,10 +173,6 @@ class CxrGazeModel(mlflow.pyfunc.PythonModel):
     def _infer(self, x: torch.Tensor, heatmap: str) -> tuple[np.ndarray, np.ndarray | None]:
         """Class scores (b, K; :mod:`cxrgaze.predict`) and heatmaps (b, S, S) in [0, 1] (None for ``none``) of
         grey images ``x`` (b, 1, S, S)."""
-        from cxrgaze.explain import generator_maps, trace
-        from cxrgaze.explain.gradcam import gradcam
-        from cxrgaze.models import class_logits
-
         maps: torch.Tensor | np.ndarray | None = None
         if heatmap == "gbp":
             x = x.requires_grad_(True)

@@ -19,15 +19,18 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+import mlflow
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
+from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from cxrgaze.data.dicom import ResizeMap
+from cxrgaze.errors import first_line
 from cxrgaze.serving.model import INPUT_COLUMN
 from cxrgaze.serving.preprocess import read_image
 from cxrgaze.serving.serve import DEFAULT_MODEL_URI
-from cxrgaze.errors import first_line
 
 if TYPE_CHECKING:
     from mlflow.pyfunc import PyFuncModel
@@ -39,9 +42,6 @@ OVERLAY_ALPHA = 0.6
 
 def load(model_uri: str = DEFAULT_MODEL_URI) -> "PyFuncModel":
     """The pyfunc at ``model_uri``; an unknown model is a one-line ``RuntimeError``."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     try:
         return mlflow.pyfunc.load_model(model_uri)
     except MlflowException as exc:
@@ -51,8 +51,6 @@ def load(model_uri: str = DEFAULT_MODEL_URI) -> "PyFuncModel":
 def predict_files(files: Sequence[str | Path], model_uri: str = DEFAULT_MODEL_URI, out_dir: str | Path | None = None,
                   heatmap: str | None = None, heatmap_size: int | None = None) -> Iterator[dict[str, Any]]:
     """One result per file (see the module docstring); overlays go to ``out_dir`` when given."""
-    from mlflow.exceptions import MlflowException
-
     pyfunc = load(model_uri)
     served = pyfunc.unwrap_python_model()
     params = {k: v for k, v in (("heatmap", heatmap), ("heatmap_size", heatmap_size)) if v is not None}
@@ -89,8 +87,6 @@ def overlay(image: np.ndarray, heat: np.ndarray, resize: str) -> Image.Image:
     data config's) says how the image was put on that grid, so the map is cut back to the
     image region and stretched to the image's aspect ratio.
     """
-    from matplotlib import colormaps
-
     height, width = image.shape
     scale = min(1.0, OVERLAY_MAX_SIDE / max(height, width))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))  # PIL (w, h)

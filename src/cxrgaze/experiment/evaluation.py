@@ -1,0 +1,204 @@
+"""Evaluation as MLflow runs: logging an evaluation into the run that trained its checkpoint
+(:func:`evaluate_tracked`), finding it again (:func:`evaluation_run`), and registering the
+evaluated models (:func:`register_evaluated`).
+
+:func:`evaluate_tracked` finds the run that trained the checkpoint by its checkpoint tag
+and logs the evaluation into it (params ``evaluate.*``, test/val metrics with CIs,
+heatmap-vs-gaze scores, figures, the servable model), then tags it
+``cxrgaze.evaluated=true`` (:data:`~cxrgaze.tracking.EVALUATED_TAG`; the registry only
+considers runs so tagged) and with the SHA-256 of the evaluation's ``metrics.json``
+(:data:`~cxrgaze.tracking.EVALUATION_TAG`). It appends only to a run that is not yet
+evaluated and belongs to the same git revision and DVC experiment; any other evaluation
+(``dvc exp run -S evaluate.n_resamples=500`` on restored checkpoints, a pulled checkpoint, a
+deleted ``mlflow.db``) gets a run of its own, with the training params and curves copied
+and ``cxrgaze.trained_in_run`` naming the training run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from cxrgaze.checkpoint import checkpoint_variant, load_checkpoint
+from cxrgaze.config import EvalConfig, RegisterConfig, from_mapping
+from cxrgaze.data.prepared import PreparedDir
+from cxrgaze.data.split import read_split
+from cxrgaze.evaluate import EvalResult, evaluate
+from cxrgaze.experiment.training import EPOCH_PREFIX, data_params, prepared_data_config
+from cxrgaze.registry import Candidate, register_and_promote, val_auc_of_model, validation_set_id
+from cxrgaze.serving.log import log_model
+from cxrgaze.tracking import (CHECKPOINT_TAG, EVALUATED_TAG, EVALUATION_TAG, RUN_FILE, EpochLogger, TrackingError,
+                              data_version, file_digest, find_runs, finite_metrics, flatten, read_run_file, resumed_run,
+                              run_exists, run_tags, same_context, set_experiment)
+
+TRAINED_IN_TAG = "cxrgaze.trained_in_run"
+"""Tag of an evaluation run that is not its checkpoint's training run: that run's id."""
+
+
+def evaluate_tracked(
+    train_dir: str | Path,
+    prepared_dir: str | Path,
+    split_csv: str | Path,
+    out_dir: str | Path,
+    config: EvalConfig | None = None,
+    figures_dir: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[EvalResult, str, str]:
+    """Evaluate the best checkpoint of ``train_dir`` and log it, with the servable model,
+    into the run that trained it (or a run of its own, see the module docstring). Returns
+    the result, the run id and the logged model's URI. ``out_dir`` gets only the
+    evaluation's files: the run is found again with :func:`evaluation_run`.
+    """
+    train_dir, out_dir, prepared_dir = Path(train_dir), Path(out_dir), Path(prepared_dir)
+    config = config or EvalConfig()
+    set_experiment()
+    run_id = _run_for(train_dir, prepared_dir)
+    result = evaluate(train_dir / "best.pt", prepared_dir, split_csv, out_dir, config,
+                      history_csv=train_dir / "history.csv", figures_dir=figures_dir, progress=progress)
+    model_uri = _log_evaluation(run_id, train_dir, out_dir, list(result.figures.values()), prepared_dir,
+                                params=flatten({"evaluate": asdict(config)}))
+    return result, run_id, model_uri
+
+
+def _log_evaluation(run_id: str, train_dir: Path, out_dir: Path, figures: list[Path], prepared_dir: Path,
+                    params: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> str:
+    """Log an evaluation's files (``out_dir``), figures and servable model into ``run_id``
+    and tag it evaluated (and with ``tags``); returns the model's URI."""
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    with resumed_run(run_id):
+        mlflow.log_metrics(finite_metrics(metrics))
+        for figure in figures:
+            mlflow.log_artifact(str(figure), "figures")
+        for name in ("metrics.json", "scores.npz", "predictions.csv", "saliency.csv", "sanity.json"):
+            mlflow.log_artifact(str(out_dir / name), "evaluation")
+        info = log_model(train_dir / "best.pt", prepared_data_config(prepared_dir))
+        # Params last, with the tags: an evaluation that failed before this point leaves the
+        # run free for the next attempt, whatever its settings (MLflow params are immutable).
+        if params:
+            mlflow.log_params(params)
+        mlflow.set_tags({**(tags or {}), EVALUATED_TAG: "true", "cxrgaze.model_uri": info.model_uri,
+                         EVALUATION_TAG: file_digest(out_dir / "metrics.json")})
+    return info.model_uri
+
+
+def log_restored_evaluation(train_dir: str | Path, eval_dir: str | Path, figures_dir: str | Path,
+                            prepared_dir: str | Path) -> tuple[str, str]:
+    """Log an evaluation that DVC restored (``dvc pull``, the run cache) but no run of this
+    tracking store holds: its files, figures and model go into a run found or opened as by
+    :func:`evaluate_tracked`, without evaluating again. Returns ``(run_id, model_uri)``."""
+    train_dir, eval_dir, prepared_dir = Path(train_dir), Path(eval_dir), Path(prepared_dir)
+    set_experiment()
+    run_id = _run_for(train_dir, prepared_dir)
+    figures = sorted(Path(figures_dir).glob("*.png")) if Path(figures_dir).is_dir() else []
+    print(f"{eval_dir}: restored by DVC, logged by no run in {mlflow.get_tracking_uri()}: logging it into run {run_id}")
+    return run_id, _log_evaluation(run_id, train_dir, eval_dir, figures, prepared_dir,
+                                   tags={"cxrgaze.restored_evaluation": "true"})
+
+
+def _run_for(train_dir: Path, prepared_dir: Path) -> str:
+    """The run to log an evaluation of ``train_dir/best.pt`` into: its training run when
+    that run is not yet evaluated and belongs to this revision and DVC experiment, else a
+    new run with the checkpoint's config and curves."""
+    checkpoint = file_digest(train_dir / "best.pt")
+    candidates = [read_run_file(train_dir)["run_id"]] if (train_dir / RUN_FILE).exists() else []
+    candidates += [run.info.run_id for run in find_runs({CHECKPOINT_TAG: checkpoint})]
+    client = mlflow.tracking.MlflowClient()
+    trained_in = None
+    for run_id in dict.fromkeys(candidates):
+        if not run_exists(run_id):
+            continue
+        tags = client.get_run(run_id).data.tags
+        if tags.get(CHECKPOINT_TAG) != checkpoint:
+            continue  # run.json of a run that did not finish this checkpoint (killed, resumed since)
+        if tags.get("cxrgaze.kind") == "train":
+            trained_in = trained_in or run_id
+        if tags.get(EVALUATED_TAG) != "true" and same_context(tags):
+            return run_id
+    ckpt = load_checkpoint(train_dir / "best.pt")
+    variant = checkpoint_variant(ckpt).name
+    why = (f"its training run {trained_in} is already evaluated or belongs to another revision or DVC experiment"
+           if trained_in else f"no run in {mlflow.get_tracking_uri()} trained it")
+    print(f"{train_dir / 'best.pt'}: {why}; the evaluation gets a run of its own (training params and curves copied)")
+    with mlflow.start_run(run_name=variant) as run:
+        mlflow.set_tags({**run_tags(variant, "unknown"), CHECKPOINT_TAG: checkpoint, "cxrgaze.kind": "evaluation",
+                         **({TRAINED_IN_TAG: trained_in} if trained_in else {})})
+        mlflow.log_params(flatten(ckpt["config"]))
+        mlflow.log_params(flatten({"data": data_params(prepared_dir)}))
+        history = train_dir / "history.csv"
+        if history.exists():
+            logger = EpochLogger(prefix=EPOCH_PREFIX)
+            for record in pd.read_csv(history).to_dict("records"):
+                logger.on_epoch_end(record)
+        return run.info.run_id
+
+
+def evaluation_run(eval_dir: str | Path) -> tuple[str, str, bool] | None:
+    """``(run_id, model_uri, same_context)`` of the newest run that logged the evaluation in
+    ``eval_dir`` (preferring this revision's and DVC experiment's), or None when the
+    tracking store holds none (outputs restored by DVC into another store)."""
+    metrics = Path(eval_dir) / "metrics.json"
+    if not metrics.exists():
+        raise FileNotFoundError(f"{metrics}: missing (did the evaluate stage run?)")
+    runs = find_runs({EVALUATION_TAG: file_digest(metrics), EVALUATED_TAG: "true"})
+    if not runs:
+        return None
+    ours = [r for r in runs if same_context(r.data.tags)]  # each check asks git: once per run
+    run = (ours or runs)[0]
+    return run.info.run_id, run.data.tags["cxrgaze.model_uri"], bool(ours)
+
+
+def seed_runs(folder: str | Path) -> list[tuple[int | None, Path]]:
+    """The per-seed output folders of a variant (``folder/seed<S>/``, by seed), or
+    ``[(None, folder)]`` for a folder that holds one run itself (``cxrgaze train --out``:
+    ``best.pt``; ``cxrgaze evaluate --out``: ``metrics.json``)."""
+    folder = Path(folder)
+    found = [(int(p.name[4:]), p) for p in folder.glob("seed*") if p.is_dir() and p.name[4:].isdigit()]
+    if found:
+        return sorted(found)
+    if (folder / "best.pt").exists() or (folder / "metrics.json").exists():
+        return [(None, folder)]
+    raise FileNotFoundError(f"{folder}: no best.pt, metrics.json or seed<S>/ folders (did the stage run?)")
+
+
+def register_evaluated(eval_root: str | Path, variants: list[str], prepared_dir: str | Path, split_csv: str | Path,
+                       dicom_dir: str | Path, mapping: dict | None = None, where: str = "register",
+                       train_root: str | Path | None = None, figures_root: str | Path | None = None):
+    """Register the evaluated model of every variant and decide the champion
+    (:func:`cxrgaze.registry.register_and_promote`), re-evaluating an old champion on the
+    current validation cases through its served preprocessing when the data changed.
+
+    An evaluation that no run of the tracking store holds (restored by ``dvc pull`` or the
+    run cache) is logged first from its files (:func:`log_restored_evaluation`) when
+    ``train_root`` (the checkpoints) is given; without it, that is an error."""
+    cfg = from_mapping(RegisterConfig, mapping, where=where)
+    evaluated = {variant: seed_runs(Path(eval_root) / variant) for variant in variants}  # before any store is opened
+    set_experiment()
+    candidates = []
+    for variant, runs in evaluated.items():
+        for seed, folder in runs:
+            found = evaluation_run(folder)
+            if found is None and train_root is None:
+                raise TrackingError(f"{folder}: no run in {mlflow.get_tracking_uri()} logged this evaluation "
+                                    f"(outputs restored by DVC for another tracking store?); run "
+                                    f"`dvc repro --force --single-item evaluate@{variant}` to evaluate and log it here")
+            if found is None:
+                sub = [folder.name] if seed is not None else []
+                found = log_restored_evaluation(Path(train_root, variant, *sub), folder,
+                                                Path(figures_root or Path(eval_root).parent / "figures", variant, *sub),
+                                                prepared_dir)
+            candidates.append(Candidate(variant, found[0], found[1], seed if len(runs) > 1 else None))
+    split = read_split(split_csv)
+    val_set = validation_set_id(split.loc[split["split"] == "val", "dicom_id"].tolist())
+    version = data_version() or hashlib.sha1(PreparedDir(prepared_dir).manifest_path.read_bytes()).hexdigest()
+
+    def reevaluate(model_version) -> float:
+        uri = f"models:/{cfg.model_name}/{model_version.version}"
+        print(f"register: re-evaluating champion v{model_version.version} on the current validation set")
+        return val_auc_of_model(uri, prepared_dir, split_csv, dicom_dir)
+
+    return register_and_promote(candidates, version, val_set, reevaluate, cfg)
