@@ -12,9 +12,10 @@ PARAMS = Path(os.environ.get("CXRGAZE_PARAMS", "params.yaml"))
 
 def run_stage(name: str, body: Callable[[], None]) -> None:
     """Run a stage body; report user errors as one line and exit 2 (tracebacks are bugs)."""
-    from cxrgaze.cli import USER_ERRORS
-    from cxrgaze.errors import first_line
+    from cxrgaze.errors import USER_ERRORS, first_line
+    from cxrgaze.layout import export_data_version
 
+    export_data_version()
     try:
         body()
     except USER_ERRORS as exc:

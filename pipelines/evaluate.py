@@ -23,12 +23,12 @@ from _common import PARAMS, run_stage  # noqa: E402
 
 
 def main() -> None:
-    from cxrgaze.config import from_mapping, load_params
-    from cxrgaze.evaluate import EvalConfig, combine_seeds
-    from cxrgaze.experiment import evaluate_tracked, seed_runs
+    from cxrgaze.config import eval_config, load_params
+    from cxrgaze.evaluate import combine_seeds
+    from cxrgaze.experiment.evaluation import evaluate_tracked, seed_runs
 
     variant, prepared, split_csv, train_dir, out_dir, figures_dir = sys.argv[1:7]
-    config = from_mapping(EvalConfig, load_params(PARAMS).get("evaluate"), where=f"{PARAMS}: evaluate")
+    config = eval_config(load_params(PARAMS), where=str(PARAMS))
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)  # no folder of a seed that is gone may survive into the summary

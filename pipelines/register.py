@@ -19,7 +19,7 @@ from _common import PARAMS, run_stage  # noqa: E402
 
 def main() -> None:
     from cxrgaze.config import load_params
-    from cxrgaze.experiment import register_evaluated
+    from cxrgaze.experiment.evaluation import register_evaluated
 
     eval_root, prepared, split_csv, dicom_dir, out_json, train_root, figures_root = sys.argv[1:8]
     params = load_params(PARAMS)

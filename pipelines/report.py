@@ -23,14 +23,13 @@ from _common import PARAMS, run_stage  # noqa: E402
 
 
 def main() -> None:
-    from cxrgaze.config import from_mapping, load_params
-    from cxrgaze.evaluate import EvalConfig
-    from cxrgaze.experiment import log_report
+    from cxrgaze.config import eval_config, load_params
+    from cxrgaze.experiment.report import log_report
     from cxrgaze.report import build_report, read_tuning, write_histories, write_report
 
     eval_root, out_dir, tune_json, headline_json, train_root, history_dir = sys.argv[1:7]
     params = load_params(PARAMS)
-    config = from_mapping(EvalConfig, params.get("evaluate"), where=f"{PARAMS}: evaluate")
+    config = eval_config(params, where=str(PARAMS))
     report = build_report(eval_root, list(params.get("variants") or {}), n_resamples=config.n_resamples,
                           seed=config.seed, confidence=config.confidence, specificity=config.specificity,
                           tuning=read_tuning(tune_json))

@@ -70,9 +70,9 @@ def resume_state(folder: Path, expected: str) -> bool:
 
 def main() -> None:
     from cxrgaze.config import load_params
-    from cxrgaze.experiment import finish_train_run, train_tracked
-    from cxrgaze.train import resolve_run_config, run_seeds
-    from cxrgaze.tune import load_tuned, merge_overrides
+    from cxrgaze.experiment.training import finish_train_run, train_tracked
+    from cxrgaze.config import resolve_run_config, run_seeds
+    from cxrgaze.tune.overrides import load_tuned, merge_overrides
 
     variant, prepared, split_csv, tuned, out_dir, resume_dir = sys.argv[1:7]
     out, resume = Path(out_dir), Path(resume_dir)

@@ -19,7 +19,9 @@ from _common import PARAMS, run_stage  # noqa: E402
 
 def main() -> None:
     from cxrgaze.config import load_params
-    from cxrgaze.tune import tune_config, tune_variants, write_best, write_metrics
+    from cxrgaze.config import tune_config
+    from cxrgaze.tune.overrides import write_best
+    from cxrgaze.tune.study import tune_variants, write_metrics
 
     prepared, split_csv, best_yaml, metrics_json = sys.argv[1:5]
     params = load_params(PARAMS)

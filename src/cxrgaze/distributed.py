@@ -3,10 +3,10 @@
 ::
 
     torchrun --nproc_per_node=4 -m cxrgaze.cli train --variant set3-gbp --params params.yaml \\
-        --out outputs/train/set3-gbp
+        --out runs/set3-gbp
 
 ``train.batch_size`` stays the *global* batch: every rank draws the same seeded
-permutation (:func:`cxrgaze.train._batches`), cuts each global batch into
+permutation (:func:`cxrgaze.train.step.epoch_batches`), cuts each global batch into
 ``world_size`` contiguous shards (``torch.tensor_split``: sizes differ by at most one,
 so an uneven last batch is shared fairly) and trains on its own shard. Changing the
 number of GPUs therefore changes neither the batch order nor the effective batch size.

@@ -60,9 +60,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cxrgaze.config import LossConfig
-from cxrgaze.explain import generator_maps, trace
+from cxrgaze.explain import Trace, generator_maps, trace
 from cxrgaze.models import class_logits, split_outputs
 from cxrgaze.variants import VARIANTS, Variant, parse_variant  # noqa: F401  (re-exported)
+
 
 class LossOutput(NamedTuple):
     """Everything one objective evaluation produced."""
@@ -227,13 +228,7 @@ def objective(
     traced = need_map or w_rrr > 0
 
     x = image.detach().requires_grad_(True) if traced else image
-    with trace(model) if traced else contextlib.nullcontext() as tr:
-        if need_mask:
-            mask_logits, logits = split_outputs(model(x))
-            if mask_logits is None:
-                raise ValueError(f"variant {variant!r} needs a model with a decoder")
-        else:
-            mask_logits, logits = None, class_logits(model, x)
+    tr, mask_logits, logits = _forward(model, x, variant, traced, need_mask)
 
     l_cls = classification_loss(logits, label, cfg.cls_loss)
     total = gamma * l_cls
@@ -252,14 +247,38 @@ def objective(
         goal = h.detach() if cfg.detach_generator_target else h
         terms["mask_gen"] = map_loss(mask_logits, goal, cfg.map_loss, logits=True, eps=cfg.eps)
         total = total + w_mask_gen * terms["mask_gen"]
-    if w_rrr > 0:  # the attribution of each image's summed log-probabilities, from the same forward
-        with torch.enable_grad():
-            attribution = tr.attribute(logits, x, target, spec.rule, create_graph=True,
-                                       output_grad=log_probability_gradient(logits, cfg.cls_loss))
-        terms["rrr"] = rrr_penalty(attribution, gaze).mean()
+    if w_rrr > 0:
+        terms["rrr"] = _rrr_term(tr, logits, x, target, gaze, spec.rule, cfg.cls_loss)
         total = total + w_rrr * terms["rrr"]
     terms = {"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}}
     return LossOutput(total, terms, logits, mask_logits, h)
+
+
+def _forward(
+    model: nn.Module, x: Tensor, variant: str, traced: bool, need_mask: bool
+) -> tuple[Trace | None, Tensor | None, Tensor]:
+    """``(trace or None, mask logits or None, class logits)`` of one forward of ``x``,
+    traced when a generator map or the rrr attribution will be taken from it, through
+    the decoder only when a mask term needs it."""
+    with trace(model) if traced else contextlib.nullcontext() as tr:
+        if need_mask:
+            mask_logits, logits = split_outputs(model(x))
+            if mask_logits is None:
+                raise ValueError(f"variant {variant!r} needs a model with a decoder")
+        else:
+            mask_logits, logits = None, class_logits(model, x)
+    return tr, mask_logits, logits
+
+
+def _rrr_term(
+    tr: Trace, logits: Tensor, x: Tensor, target: Tensor, gaze: Tensor, rule: str, cls_loss: str
+) -> Tensor:
+    """``R(A, G)`` averaged over the batch: ``A`` the attribution of each image's summed
+    log-probabilities, from the same traced forward."""
+    with torch.enable_grad():
+        attribution = tr.attribute(logits, x, target, rule, create_graph=True,
+                                   output_grad=log_probability_gradient(logits, cls_loss))
+    return rrr_penalty(attribution, gaze).mean()
 
 
 def compute_loss(

@@ -143,34 +143,7 @@ def build_model(config: ModelConfig | None = None, variant: str = "unet") -> Gaz
     local = weights is not None and _is_weights_path(weights)
     named = None if local else weights
     try:
-        if parse_variant(variant).has_decoder:
-            unet = smp.Unet(
-                encoder_name=config.encoder,
-                encoder_weights=named,
-                in_channels=3,
-                classes=1,
-                decoder_channels=tuple(config.decoder_channels),
-                aux_params={
-                    "classes": config.num_classes,
-                    "pooling": config.pooling,
-                    "dropout": config.dropout,
-                    "activation": None,
-                },
-            )
-            model = GazeNet(
-                unet.encoder, unet.classification_head, unet.decoder, unet.segmentation_head
-            )
-        else:
-            encoder = smp.encoders.get_encoder(config.encoder, in_channels=3, weights=named)
-            head = ClassificationHead(
-                encoder.out_channels[-1],
-                config.num_classes,
-                pooling=config.pooling,
-                dropout=config.dropout,
-                activation=None,
-            )
-            smp.base.initialization.initialize_head(head)
-            model = GazeNet(encoder, head)
+        model = _unet(config, named) if parse_variant(variant).has_decoder else _classifier(config, named)
     except KeyError as exc:  # smp: unknown weights name for this encoder
         raise ModelError(f"encoder {config.encoder!r}: {exc.args[0]}") from None
     except Exception as exc:
@@ -186,6 +159,38 @@ def build_model(config: ModelConfig | None = None, variant: str = "unet") -> Gaz
     return model
 
 
+def _unet(config: ModelConfig, weights: str | None) -> GazeNet:
+    """The U-Net with a classification head on the encoder's last features."""
+    unet = smp.Unet(
+        encoder_name=config.encoder,
+        encoder_weights=weights,
+        in_channels=3,
+        classes=1,
+        decoder_channels=tuple(config.decoder_channels),
+        aux_params={
+            "classes": config.num_classes,
+            "pooling": config.pooling,
+            "dropout": config.dropout,
+            "activation": None,
+        },
+    )
+    return GazeNet(unet.encoder, unet.classification_head, unet.decoder, unet.segmentation_head)
+
+
+def _classifier(config: ModelConfig, weights: str | None) -> GazeNet:
+    """The encoder and classification head alone (no decoder)."""
+    encoder = smp.encoders.get_encoder(config.encoder, in_channels=3, weights=weights)
+    head = ClassificationHead(
+        encoder.out_channels[-1],
+        config.num_classes,
+        pooling=config.pooling,
+        dropout=config.dropout,
+        activation=None,
+    )
+    smp.base.initialization.initialize_head(head)
+    return GazeNet(encoder, head)
+
+
 def _weights_location(encoder: str, weights: str) -> str:
     """Where smp looks for named weights: the Hugging Face Hub repository and its folder in
     the local cache (timm's ``tu-`` encoders: timm's own hub entry)."""
@@ -193,7 +198,7 @@ def _weights_location(encoder: str, weights: str) -> str:
     repo = settings.get("repo_id")
     if not repo:
         return f"the {weights!r} file of {encoder!r}"
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # only to name the cache in an error message
 
     return f"{repo} ({Path(constants.HF_HUB_CACHE) / ('models--' + repo.replace('/', '--'))})"
 
@@ -209,7 +214,7 @@ def load_encoder_weights(model: GazeNet, path: str | Path) -> None:
         raise ModelError(f"encoder weights file {path} does not exist")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file  # only for .safetensors weights
 
             state = load_file(str(path), device="cpu")
         else:

@@ -115,6 +115,7 @@ def _module_classes() -> tuple[tuple[type, ...], tuple[type, ...]]:
     as_silu: list[type] = []
     unsupported: list[type] = []
     try:
+        # guarded: these classes exist only in timm (which segmentation_models_pytorch installs)
         from timm.layers import activations as ta
         from timm.layers import activations_me as tme
     except ImportError:  # pragma: no cover - timm is a dependency
@@ -205,6 +206,27 @@ class Trace:
         :func:`cxrgaze.losses.log_probability_gradient`). It may depend on the parameters:
         with ``create_graph=True`` that dependence is differentiated too.
         """
+        self._check_request(rule, class_logits, output_grad)
+        if output_grad is None:
+            index = target.to(class_logits.device, torch.long).view(-1, 1)  # (B, 1)
+            selected, grad_outputs = class_logits.gather(1, index).sum(), None
+        else:
+            selected, grad_outputs = class_logits, output_grad.to(class_logits.dtype)
+        self.switch.rule = None if rule == "grad" else rule
+        self.switch.generating = True
+        try:
+            (grad,) = torch.autograd.grad(
+                selected, inputs, grad_outputs=grad_outputs, create_graph=create_graph, retain_graph=True
+            )
+        finally:
+            self.switch.rule = None
+            self.switch.generating = False
+        return grad
+
+    def _check_request(self, rule: str, class_logits: Tensor, output_grad: Tensor | None) -> None:
+        """Refuse an :meth:`attribute` call this trace cannot answer: an unknown rule, a
+        ``gbp``/``deconv`` rule on an activation without one or on an untraced forward,
+        logits not (B, K), an ``output_grad`` not shaped like them."""
         if rule not in RULES:
             raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
         if rule != "grad" and self.unsupported:
@@ -222,21 +244,6 @@ class Trace:
         if output_grad is not None and output_grad.shape != class_logits.shape:
             raise ValueError(f"output_grad must be shaped like the logits {tuple(class_logits.shape)}, "
                              f"got {tuple(output_grad.shape)}")
-        if output_grad is None:
-            index = target.to(class_logits.device, torch.long).view(-1, 1)  # (B, 1)
-            selected, grad_outputs = class_logits.gather(1, index).sum(), None
-        else:
-            selected, grad_outputs = class_logits, output_grad.to(class_logits.dtype)
-        self.switch.rule = None if rule == "grad" else rule
-        self.switch.generating = True
-        try:
-            (grad,) = torch.autograd.grad(
-                selected, inputs, grad_outputs=grad_outputs, create_graph=create_graph, retain_graph=True
-            )
-        finally:
-            self.switch.rule = None
-            self.switch.generating = False
-        return grad
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """What the pipeline produced, printed at the end of ``make demo`` (``cxrgaze summary``).
 
-Reads only stage outputs, so it works after ``dvc repro`` restored them from the cache.
+Reads only stage outputs, found where the pipeline's layout puts them
+(:mod:`cxrgaze.layout`), so it works after ``dvc repro`` restored them from the cache.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from pathlib import Path
 import pandas as pd
 
 from cxrgaze import CLASSES
+from cxrgaze.layout import PREPARED, REGISTER_JSON, RESULTS_MD, SPLIT, TRAIN_ROOT
+from cxrgaze.variants import VARIANTS
 
 
 def _section(title: str) -> None:
@@ -18,9 +21,9 @@ def _section(title: str) -> None:
 
 
 def print_summary(root: Path = Path(".")) -> None:
-    """Print the data, exclusion and split reports under ``root/outputs``, if present."""
-    outputs = root / "outputs"
-    prepared = outputs / "prepared"
+    """Print the data, exclusion, split, training and results reports of the pipeline's
+    stage outputs under the project folder ``root``, where present."""
+    prepared = root / PREPARED
     if (prepared / "manifest.csv").exists():
         manifest = pd.read_csv(prepared / "manifest.csv", dtype=str)
         _section(f"prepared images: {len(manifest)}  ({prepared})")
@@ -40,7 +43,7 @@ def print_summary(root: Path = Path(".")) -> None:
         _section(f"excluded images: {len(excluded)}  ({excluded_path})")
         if len(excluded):
             print(excluded.to_string(index=False))
-    split_path = outputs / "split.csv"
+    split_path = root / SPLIT
     if split_path.exists():
         split = pd.read_csv(split_path, dtype=str)
         _section(f"split (images; patients in the last column)  ({split_path})")
@@ -48,8 +51,8 @@ def print_summary(root: Path = Path(".")) -> None:
         table = table[[c for c in CLASSES if c in table.columns]]
         table["patients"] = split.groupby("split")["patient_id"].nunique()
         print(table.reindex(["train", "val", "test"]).to_string())
-    _print_training(outputs / "train")
-    _print_results(root / "reports" / "results.md", outputs / "register.json")
+    _print_training(root / TRAIN_ROOT)
+    _print_results(root / RESULTS_MD, root / REGISTER_JSON)
     print("\nBrowse the runs, figures and registered models in MLflow:\n"
           "  .venv/bin/mlflow ui --host 127.0.0.1 --port 5000    # then open http://127.0.0.1:5000\n"
           "Compare stages and parameters with DVC:\n"
@@ -75,8 +78,6 @@ def _print_results(results_md: Path, register_json: Path) -> None:
 
 def _print_training(train_root: Path) -> None:
     """Best validation metrics of every trained variant (mean over seeds), in params order."""
-    from cxrgaze.variants import VARIANTS
-
     rows = []
     for path in sorted(train_root.glob("*/seed*/metrics.json")):
         m = json.loads(path.read_text())
