@@ -7,16 +7,9 @@ import copy
 import pytest
 import torch
 
-from cxrgaze.config import ConfigError, LossConfig, ModelConfig
-from cxrgaze.explain import UnsupportedActivation, generator_maps
-from cxrgaze.losses import (
-    VARIANTS,
-    classification_loss,
-    compute_loss,
-    map_loss,
-    objective,
-    parse_variant,
-)
+from cxrgaze.config import ConfigError, LossConfig, ModelConfig, TrainConfig
+from cxrgaze.explain import RULES, UnsupportedActivation, generator_maps
+from cxrgaze.losses import VARIANTS, classification_loss, compute_loss, map_loss, objective, parse_variant
 from cxrgaze.models import build_model
 
 # A tiny EfficientNet-family encoder (SiLU, squeeze-excite, depthwise convs): fast on CPU.
@@ -55,38 +48,70 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
     return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_variant_names():
-    assert VARIANTS == ("baseline", "unet", "set1-gbp", "set1-deconv", "set2-gbp", "set2-deconv",
-                        "set3-gbp", "set3-deconv", "set3-grad", "rrr-grad", "rrr-gbp")
+def test_every_offered_variant_is_accepted_and_builds_the_model_it_says():
+    """Each name ``cxrgaze train --variant`` offers is accepted by the training config,
+    builds (through ``build_model``, as ``train`` does) a model with a decoder exactly when
+    the variant says so, and names a generator rule that the explainer implements."""
+    for name in VARIANTS:
+        spec = parse_variant(name)
+        assert spec.name == name
+        assert TrainConfig(variant=name).variant == name
+        model = build_model(TINY, variant=name)
+        assert model.has_decoder == spec.has_decoder, name
+        assert (model.decoder is not None) == spec.has_decoder, name
+        assert spec.generator in RULES, name
     assert parse_variant("rrr-gbp").objective == "rrr" and not parse_variant("rrr-gbp").has_decoder
     assert parse_variant("set3-gbp").objective == "set3" and parse_variant("set3-gbp").rule == "gbp"
     assert parse_variant("set1-grad").rule == "grad"
-    assert not parse_variant("baseline").has_decoder
     for bad in ("set4-gbp", "set1-gradcam", "unet-gbp", "rrr", ""):
         with pytest.raises(ValueError, match="unknown variant"):
             parse_variant(bad)
+        with pytest.raises(ConfigError, match="unknown variant"):
+            TrainConfig(variant=bad)
+
+
+def _nonzero(g: torch.Tensor | None) -> bool:
+    return g is not None and bool(g.abs().sum() > 0)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_variant_is_finite_and_reaches_the_parameters_it_should(variant):
+    """The loss is the weighted sum of the terms it logs (weights: the variant's table);
+    its non-classification part trains the decoder mask exactly when the variant says it
+    trains the mask and reaches the classification head (through the generator's map, a
+    second-order path) exactly when it says it trains the generator; it depends on the gaze
+    exactly when a term compares something with the gaze."""
+    spec, cfg = parse_variant(variant), LossConfig()
+    weights = spec.term_weights(cfg.gamma, cfg.alpha, cfg.rrr_weight)._asdict()
     model, batch = model_for(variant), make_batch()
-    loss, terms = compute_loss(model, batch, variant, LossConfig())
+    out = objective(model, batch, variant, cfg)
+    loss, terms = out.total, out.terms
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert terms["loss"] == loss.detach() and not any(t.requires_grad for t in terms.values())
-    expected_terms = {
-        "baseline": {"cls"}, "unet": {"cls", "mask_gaze"}, "set1": {"cls", "gen_gaze"},
-        "set2": {"cls", "mask_gen"}, "set3": {"cls", "mask_gaze", "gen_gaze"}, "rrr": {"cls", "rrr"},
-    }[parse_variant(variant).objective]
-    assert set(terms) == expected_terms | {"loss"}
+    assert set(terms) == {"loss"} | {k for k, w in weights.items() if w > 0}
+    torch.testing.assert_close(terms["loss"], sum(weights[k] * terms[k] for k in terms if k != "loss"))
+
+    head = model.classification_head[3].weight
+    decoder = [p for n, p in model.named_parameters() if n.startswith(("decoder.", "segmentation_head."))]
+    rest = loss - weights["cls"] * classification_loss(out.class_logits, batch["label"], cfg.cls_loss)
+    head_grad, *decoder_grads = torch.autograd.grad(rest, [head, *decoder], allow_unused=True, retain_graph=True)
+    assert _nonzero(head_grad) == spec.trains_generator, None if head_grad is None else float(head_grad.abs().sum())
+    assert any(_nonzero(g) for g in decoder_grads) == spec.trains_mask
+
     loss.backward()
     for name, p in model.named_parameters():
         in_decoder = name.startswith(("decoder.", "segmentation_head."))
-        if variant.startswith("set1") and in_decoder:
-            assert p.grad is None, name  # set 1 never looks at the mask
+        if in_decoder and not spec.trains_mask:
+            assert p.grad is None, name  # e.g. set 1 never looks at the mask
         else:
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    assert model.classification_head[3].weight.grad.abs().sum() > 0
+    assert head.grad.abs().sum() > 0
     assert next(model.encoder.parameters()).grad.abs().sum() > 0
+
+    other_gaze = dict(batch, gaze=1 - batch["gaze"])
+    moved = objective(model_for(variant), other_gaze, variant, cfg).total.detach()
+    uses_gaze = weights["mask_gaze"] > 0 or weights["gen_gaze"] > 0 or weights["rrr"] > 0
+    assert (not torch.equal(moved, loss.detach())) == uses_gaze, (moved, loss)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

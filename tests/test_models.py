@@ -6,14 +6,7 @@ import pytest
 import torch
 
 from cxrgaze.config import ConfigError, ModelConfig, from_mapping
-from cxrgaze.models import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ModelError,
-    build_model,
-    class_logits,
-    split_outputs,
-)
+from cxrgaze.models import IMAGENET_MEAN, IMAGENET_STD, ModelError, build_model, class_logits, split_outputs
 
 SMALL = ModelConfig(encoder="resnet18", dropout=0.0)
 
@@ -28,10 +21,22 @@ def unet():
 
 
 def test_unet_returns_mask_and_class_logits(unet):
-    mask_logits, logits = unet(torch.rand(2, 1, 64, 64))
+    """A mask per pixel and three class logits per image, each image's own: in eval mode an
+    image's outputs do not depend on the rest of the batch (prediction one by one equals
+    prediction in batches), and other images give other outputs."""
+    torch.manual_seed(3)
+    x = torch.rand(2, 1, 64, 64)
+    mask_logits, logits = unet(x)
     assert mask_logits.shape == (2, 1, 64, 64)
     assert logits.shape == (2, 3)
     assert unet.has_decoder
+    alone_mask, alone_logits = unet(x[1:])
+    torch.testing.assert_close(alone_logits, logits[1:])
+    torch.testing.assert_close(alone_mask, mask_logits[1:])
+    assert not torch.allclose(logits[0], logits[1], atol=1e-4)
+    assert not torch.allclose(mask_logits[0], mask_logits[1], atol=1e-4)
+    flipped_mask, _ = unet(x.flip(-1))  # the mask follows the image
+    assert not torch.allclose(flipped_mask, mask_logits, atol=1e-4)
 
 
 def test_default_config_is_the_reference_unet_without_downloads(monkeypatch):
@@ -83,8 +88,20 @@ def test_models_return_logits_and_normalise_inside(unet):
     for c in range(3):
         torch.testing.assert_close(prepared[:, c], (x[:, 0] - IMAGENET_MEAN[c]) / IMAGENET_STD[c])
     assert "mean" not in unet.state_dict() and "std" not in unet.state_dict()
-    _, logits = unet(torch.rand(4, 1, 64, 64) * 0)
-    assert logits.dtype == torch.float32  # raw scores; probabilities live elsewhere
+    # Raw scores, probabilities live elsewhere: the class logits are the head's last linear
+    # layer's output as it is (no sigmoid or softmax after it), one row of 3 per image.
+    linear = [m for m in unet.classification_head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    seen = []
+    handle = linear.register_forward_hook(lambda module, inputs, output: seen.append(output.detach()))
+    try:
+        _, black = unet(torch.zeros(4, 1, 64, 64))
+        _, images = unet(torch.rand(4, 1, 64, 64))
+    finally:
+        handle.remove()
+    assert black.shape == images.shape == (4, 3) and images.dtype == torch.float32
+    torch.testing.assert_close(black, seen[0], rtol=0, atol=0)
+    torch.testing.assert_close(images, seen[1], rtol=0, atol=0)
+    assert not torch.allclose(black, images, atol=1e-4)  # the logits follow the input
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 64, 64), (1, 64, 64), (2, 1, 64)])

@@ -7,14 +7,19 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from cxrgaze import CLASSES
+from cxrgaze.checkpoint import load_checkpoint
+from cxrgaze.config import VARIANTS, LossConfig, ModelConfig, RunConfig, TrainConfig, resolve_run_config
+from cxrgaze.train import TrainingDiverged, train
+
 from conftest import tool_env
-from cxrgaze.config import VARIANTS, LossConfig, ModelConfig, TrainConfig
-from cxrgaze.train import RunConfig, TrainingDiverged, load_checkpoint, resolve_run_config, train
 
 TINY_MODEL = ModelConfig(encoder="tu-tinynet_e", decoder_channels=(32, 16, 16, 8, 8))
 
@@ -22,6 +27,56 @@ TINY_MODEL = ModelConfig(encoder="tu-tinynet_e", decoder_channels=(32, 16, 16, 8
 def tiny_config(variant: str = "unet", **train_kw) -> RunConfig:
     kw = {"epochs": 1, "batch_size": 16, "lr": 3e-3, "variant": variant, "device": "cpu", **train_kw}
     return RunConfig(model=TINY_MODEL, loss=LossConfig(), train=TrainConfig(**kw))
+
+
+def checkpoint_auc(checkpoint: Path, prepared: Path, split_csv: Path, split: str) -> tuple[float, list[float]]:
+    """(macro, per-class) one-vs-rest AUC of a checkpoint's model on one split, computed
+    here, not by the package's data loading, prediction or metric code: the rows found
+    through the split table and manifest, the arrays read with numpy, sigmoid scores of the
+    class logits (``cls_loss: bce``), scikit-learn's AUC."""
+    from sklearn.metrics import roc_auc_score
+
+    from cxrgaze.models import build_model, class_logits
+
+    ckpt = load_checkpoint(checkpoint)
+    assert ckpt["config"]["loss"]["cls_loss"] == "bce"
+    model = build_model(TINY_MODEL, variant=ckpt["config"]["train"]["variant"])
+    model.load_state_dict(ckpt["model"])
+    rows = pd.read_csv(split_csv, dtype={"dicom_id": str}).query("split == @split")
+    manifest = pd.read_csv(prepared / "manifest.csv", dtype={"dicom_id": str}).set_index("dicom_id")
+    index = manifest.loc[rows["dicom_id"], "index"].to_numpy()
+    images = torch.from_numpy(np.load(prepared / "images.npy")[index].astype(np.float32)).unsqueeze(1)
+    with torch.no_grad():
+        scores = torch.sigmoid(class_logits(model.eval(), images)).numpy()
+    labels = np.array([CLASSES.index(c) for c in rows["label"]])
+    per_class = [float(roc_auc_score(labels == k, scores[:, k])) for k in range(len(CLASSES))]
+    return float(np.mean(per_class)), per_class
+
+
+def separable_prepared(root: Path, per_class: dict[str, int], seed: int = 0, size: int = 32) -> tuple[Path, Path]:
+    """A prepared folder and split table of a task a small network learns in a few epochs:
+    each class is a bright blob at its own place on noise, the gaze on the blob; one image
+    per patient."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    centres = [(size // 4, size // 4), (size // 4, 3 * size // 4), (3 * size // 4, size // 2)]  # one per class
+    images, gaze, rows = [], [], []
+    for split, n in per_class.items():
+        for k, label in enumerate(CLASSES):
+            blob = np.exp(-((yy - centres[k][0]) ** 2 + (xx - centres[k][1]) ** 2) / 18.0)  # (S, S)
+            for _ in range(n):
+                i = len(rows)
+                images.append(np.clip(0.3 + 0.1 * rng.standard_normal((size, size)) + 0.6 * blob, 0, 1))
+                gaze.append(blob)
+                rows.append({"dicom_id": f"d{i}", "patient_id": f"p{i}", "study_id": f"s{i}", "label": label,
+                             "index": i, "split": split})
+    root.mkdir(parents=True)
+    np.save(root / "images.npy", np.stack(images).astype(np.float16))  # (N, S, S)
+    np.save(root / "gaze.npy", np.stack(gaze).astype(np.float16))
+    table = pd.DataFrame(rows)
+    table[["dicom_id", "patient_id", "study_id", "label", "index"]].to_csv(root / "manifest.csv", index=False)
+    table[["dicom_id", "patient_id", "label", "split", "index"]].to_csv(root / "split.csv", index=False)
+    return root, root / "split.csv"
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -36,10 +91,28 @@ def test_every_variant_trains_end_to_end(variant, tiny_prepared, tmp_path):
         terms = {k: v for k, v in rec.items() if k.startswith("train_")}
         assert "train_loss" in terms and "train_cls" in terms
         assert all(np.isfinite(v) for v in terms.values()), terms
-    assert 0.0 <= result.best["val_auc_macro"] <= 1.0
     assert (tmp_path / "best.pt").exists() and (tmp_path / "last.pt").exists()
+    # The reported validation AUC is that of the kept model on the validation images.
+    macro, per_class = checkpoint_auc(tmp_path / "best.pt", prepared, split, "val")
+    assert result.best["val_auc_macro"] == pytest.approx(macro, abs=1e-6)
+    for name, value in zip(CLASSES, per_class):
+        assert result.best[f"val_auc_{name}"] == pytest.approx(value, abs=1e-6)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["variant"] == variant and saved["best_epoch"] == result.best_epoch
+
+
+@pytest.mark.parametrize("variant", ["baseline", "set3-gbp"])
+def test_a_separable_task_is_learned(variant, tmp_path):
+    """Six epochs on 48 training images of a task a small network can learn: the kept
+    model's AUC on held-out test images (never seen in training or selection) is far above
+    chance. (Data and training seeds 0-5: best validation AUC at least 0.92, test AUC at
+    least 0.97, every class at least 0.96. With a learning rate of 1e-12, the untrained
+    network: at most 0.69 on validation, 0.60 on test.)"""
+    prepared, split = separable_prepared(tmp_path / "prepared", {"train": 16, "val": 8, "test": 8})
+    result = train(tiny_config(variant, epochs=6, batch_size=8), prepared, split, tmp_path / "run", progress=False)
+    assert result.best["val_auc_macro"] > 0.85, result.history
+    test_macro, test_per_class = checkpoint_auc(tmp_path / "run" / "best.pt", prepared, split, "test")
+    assert test_macro > 0.85 and min(test_per_class) > 0.7, test_per_class
 
 
 def test_best_checkpoint_is_chosen_by_validation_auc(tiny_prepared, tmp_path):
