@@ -50,7 +50,8 @@ from cxrgaze.models import build_model  # noqa: E402
 from cxrgaze.serving.log import log_model  # noqa: E402
 from cxrgaze.serving.preprocess import preprocess  # noqa: E402
 from cxrgaze.serving.serve import serve_command, serve_env  # noqa: E402
-from cxrgaze.train import CHECKPOINT_FORMAT, RunConfig  # noqa: E402
+from cxrgaze.checkpoint import CHECKPOINT_FORMAT  # noqa: E402
+from cxrgaze.config import RunConfig
 
 SYNTAXES = {"explicit": ExplicitVRLittleEndian, "j2k": JPEG2000Lossless}
 

@@ -33,11 +33,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import free_port, tool_env
-from cxrgaze.config import load_params
+from cxrgaze.checkpoint import load_checkpoint
+from cxrgaze.config import load_params, resolve_run_config
 from cxrgaze.distributed import (DistContext, all_reduce_gradients, all_reduce_sums, broadcast_object, context_from_env,
                                  is_active)
-from cxrgaze.train import TrainingDiverged, load_checkpoint, resolve_run_config, train
+from cxrgaze.train import TrainingDiverged, train
+
+from conftest import free_port, tool_env
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("set3-gbp", "unet")

@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cxrgaze.evaluate import EvalConfig
-from cxrgaze.experiment import evaluate_tracked, train_tracked
+from cxrgaze.config import EvalConfig, resolve_run_config
+from cxrgaze.experiment.evaluation import evaluate_tracked
+from cxrgaze.experiment.training import train_tracked
 from cxrgaze.registry import val_auc_of_model
 from cxrgaze.tracking import read_run_file
-from cxrgaze.train import resolve_run_config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -103,7 +103,7 @@ def test_a_second_evaluation_or_another_experiment_gets_a_run_of_its_own(tiny_pr
                                                                          monkeypatch):
     """Evaluation appends to the training run once, and only within its revision and DVC
     experiment; the runs are found again by what they produced, not by ids in the outputs."""
-    from cxrgaze.experiment import evaluation_run
+    from cxrgaze.experiment.evaluation import evaluation_run
     from cxrgaze.tracking import file_digest
 
     prepared, split = tiny_prepared

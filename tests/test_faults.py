@@ -10,9 +10,11 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from cxrgaze.checkpoint import load_checkpoint
+from cxrgaze.config import resolve_run_config
+from cxrgaze.experiment.training import train_tracked
+
 from conftest import mlflow_server
-from cxrgaze.experiment import train_tracked
-from cxrgaze.train import load_checkpoint, resolve_run_config
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -12,22 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from cxrgaze.config import ConfigError, LossConfig, ModelConfig, TrainConfig
+from cxrgaze.checkpoint import load_checkpoint
+from cxrgaze.config import (ConfigError, LossConfig, ModelConfig, RunConfig, SearchRange, TrainConfig, tune_config,
+                            variant_space)
 from cxrgaze.explain import trace
-from cxrgaze.losses import (
-    compute_loss,
-    generator_gaze_loss,
-    log_probability_gradient,
-    map_loss,
-    objective,
-    outside_mass,
-    outside_penalty,
-    rrr_penalty,
-)
+from cxrgaze.losses import (compute_loss, generator_gaze_loss, log_probability_gradient, map_loss, objective,
+                            outside_mass, outside_penalty, rrr_penalty)
 from cxrgaze.models import build_model, class_logits
 from cxrgaze.predict import selection_score
-from cxrgaze.train import RunConfig, load_checkpoint, train
-from cxrgaze.tune import SearchRange, tune_config, variant_space
+from cxrgaze.train import train
 
 TINY = ModelConfig(encoder="tu-tinynet_e", dropout=0.0)
 
@@ -253,7 +246,7 @@ def test_gaze_aware_selection_keeps_the_epoch_with_the_best_score(tiny_prepared,
 def test_selection_follows_the_gaze_term_when_it_disagrees_with_auc(tiny_prepared, tmp_path, monkeypatch):
     """Scripted validation: AUC peaks in epoch 2, AUC minus 1 x outside mass in epoch 3.
     Selection by AUC keeps epoch 2, gaze-aware selection epoch 3 (and best.pt holds it)."""
-    import cxrgaze.train as train_module
+    import cxrgaze.train.loop as train_module
 
     aucs, masses = iter([0.80, 0.95, 0.90]), iter([0.90, 0.90, 0.50])
 
@@ -296,7 +289,8 @@ def test_validation_outside_mass_explains_the_true_class_with_the_variants_gener
 def test_evaluation_reports_the_selection_score_of_the_kept_checkpoint(tiny_prepared, tmp_path):
     """``evaluate`` recomputes ``val_outside_mass`` and ``val_selection`` of the kept
     checkpoint (what ``register.metric: val_selection`` promotes by), equal to training's."""
-    from cxrgaze.evaluate import EvalConfig, evaluate
+    from cxrgaze.config import EvalConfig
+    from cxrgaze.evaluate import evaluate
 
     prepared, split = tiny_prepared
     cfg = RunConfig(model=TINY, loss=LossConfig(), train=TrainConfig(

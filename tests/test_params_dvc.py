@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from cxrgaze.config import VARIANTS, DataConfig, SplitConfig, TrainConfig, from_mapping, load_params, overlay
-from cxrgaze.train import resolve_run_config, run_seeds
+from cxrgaze.config import (VARIANTS, DataConfig, SplitConfig, TrainConfig, from_mapping, load_params, overlay,
+                            resolve_run_config, run_seeds)
 
 pytest.importorskip("dvc")
 pytest.importorskip("hydra")
@@ -58,9 +58,7 @@ def is_full(params: dict[str, Any]) -> bool:
 
 def typed(params: dict[str, Any], where: str) -> dict[str, Any]:
     """Every typed config the stages build from a complete params mapping."""
-    from cxrgaze.evaluate import EvalConfig
-    from cxrgaze.registry import RegisterConfig
-    from cxrgaze.tune import tune_config
+    from cxrgaze.config import EvalConfig, RegisterConfig, tune_config
 
     runs = {(variant, seed): resolve_run_config(params, variant, where=where, seed=seed)
             for variant in VARIANTS for seed in run_seeds(params, where)}

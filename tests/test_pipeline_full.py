@@ -61,7 +61,7 @@ def _evaluation_model(repo, variant: str) -> str:
 
     import mlflow
 
-    from cxrgaze.experiment import evaluation_run
+    from cxrgaze.experiment.evaluation import evaluation_run
 
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     cwd = os.getcwd()

@@ -4,32 +4,50 @@ from pathlib import Path
 
 import pytest
 
-from cxrgaze.config import VARIANTS, DataConfig, SplitConfig, from_mapping, load_params
-from cxrgaze.train import resolve_run_config
+from cxrgaze.config import VARIANTS, DataConfig, SplitConfig, from_mapping, load_params, overlay, resolve_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
+PROFILES = ["profiles/paper.yaml", "profiles/study.yaml"]
 
 
-@pytest.mark.parametrize("path", ["params.yaml", "profiles/paper.yaml"])
+def _resolved(path: str) -> dict:
+    """params.yaml, or params.yaml with the profile overlay ``path`` applied (as `cxrgaze profile` does)."""
+    base = load_params(ROOT / "params.yaml")
+    return base if path == "params.yaml" else overlay(base, load_params(ROOT / path))
+
+
+@pytest.mark.parametrize("path", ["params.yaml", *PROFILES])
 def test_params_files_resolve(path):
-    params = load_params(ROOT / path)
+    params = _resolved(path)
     from_mapping(DataConfig, params["data"])
     from_mapping(SplitConfig, params["split"])
     assert set(params["variants"]) == set(VARIANTS)
     for variant in VARIANTS:
         config = resolve_run_config(params, variant, where=path)
         assert config.train.variant == variant
-    from cxrgaze.evaluate import EvalConfig
-    from cxrgaze.registry import RegisterConfig
-    from cxrgaze.tune import tune_config
+    from cxrgaze.config import EvalConfig, RegisterConfig, tune_config
 
     from_mapping(EvalConfig, params["evaluate"])
     from_mapping(RegisterConfig, params["register"])
     assert set(tune_config(params, where=path).variants) <= set(VARIANTS)
 
 
+@pytest.mark.parametrize("path", PROFILES)
+def test_a_profile_states_only_what_differs_from_params(path):
+    """A profile is an overlay: every value it names differs from params.yaml's (a copy of
+    an unchanged value could silently drift when params.yaml changes)."""
+    def same(base, profile, where=""):
+        for key, value in profile.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                yield from same(base[key], value, f"{where}{key}.")
+            elif key in base and base[key] == value:
+                yield f"{where}{key}"
+
+    assert list(same(load_params(ROOT / "params.yaml"), load_params(ROOT / path))) == []
+
+
 def test_paper_profile_has_the_reference_settings():
-    params = load_params(ROOT / "profiles/paper.yaml")
+    params = _resolved("profiles/paper.yaml")
     unet = resolve_run_config(params, "unet")
     base = resolve_run_config(params, "baseline")
     assert (unet.train.lr, unet.train.epochs, unet.loss.gamma, unet.model.dropout) == (0.0090552, 35, 0.41731, 0.5)
@@ -41,8 +59,7 @@ def test_study_overlay_states_only_differences_and_resolves(tmp_path):
     """`cxrgaze profile` merges an overlay into params.yaml: what the overlay names changes,
     everything else stays, and the result is a valid, budget-matched, three-seed setup."""
     from cxrgaze.cli import main
-    from cxrgaze.train import run_seeds
-    from cxrgaze.tune import tune_config, variant_space
+    from cxrgaze.config import run_seeds, tune_config, variant_space
 
     out = tmp_path / "params.yaml"
     assert main(["profile", str(ROOT / "profiles/study.yaml"), "--base", str(ROOT / "params.yaml"),
@@ -65,8 +82,7 @@ def test_study_overlay_states_only_differences_and_resolves(tmp_path):
 
 
 def test_seeds_are_validated():
-    from cxrgaze.config import ConfigError
-    from cxrgaze.train import run_seeds
+    from cxrgaze.config import ConfigError, run_seeds
 
     assert run_seeds({"train": {"seed": 3}}) == (3,)
     for bad in ([], [0, 0], [-1], ["a"], 2):

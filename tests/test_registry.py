@@ -10,7 +10,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cxrgaze.registry import Candidate, RegisterConfig, register_and_promote
+from cxrgaze.config import RegisterConfig
+from cxrgaze.registry import Candidate, register_and_promote
 
 
 class _Echo(mlflow.pyfunc.PythonModel):

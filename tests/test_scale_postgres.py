@@ -23,10 +23,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import tool_env
+from cxrgaze.config import tune_config
+from cxrgaze.tune.storage import TRIAL_RUN_ATTR, live_trials, open_study
+
 from conftest import mlflow_server as start_mlflow_server
+from conftest import tool_env
 from postgres_fixture import postgres, postgres_url  # noqa: F401,F811 - fixtures
-from cxrgaze.tune import TRIAL_RUN_ATTR, live_trials, open_study, tune_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -254,9 +256,9 @@ def test_training_and_evaluation_through_an_mlflow_server_on_postgresql(mlflow_s
     registered model version, all through the server."""
     import mlflow
 
-    from cxrgaze.evaluate import EvalConfig
-    from cxrgaze.experiment import evaluate_tracked, train_tracked
-    from cxrgaze.train import resolve_run_config
+    from cxrgaze.config import EvalConfig, resolve_run_config
+    from cxrgaze.experiment.evaluation import evaluate_tracked
+    from cxrgaze.experiment.training import train_tracked
 
     server_url, artifacts = mlflow_server
     prepared, split = tiny_prepared

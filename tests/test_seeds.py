@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from cxrgaze.evaluate import EvalConfig, combine_seeds
+from cxrgaze.config import EvalConfig
+from cxrgaze.evaluate import combine_seeds
 from cxrgaze.evaluation.scores import load_scores, save_scores, split_from_logits
 from cxrgaze.metrics import auc_summary
 

@@ -29,7 +29,6 @@ from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML
 
-from conftest import VENV_BIN, free_port, tool_env
 from cxrgaze import CLASSES
 from cxrgaze.cli import main
 from cxrgaze.config import DataConfig, from_mapping
@@ -37,6 +36,8 @@ from cxrgaze.models import class_logits
 from cxrgaze.serving.model import CxrGazeModel
 from cxrgaze.serving.preprocess import InputError, Limits, decode_base64, preprocess, read_image
 from cxrgaze.serving.serve import serve_command, serve_env
+
+from conftest import VENV_BIN, free_port, tool_env
 from data_factory import dicom_dataset, phantom
 
 pytestmark = pytest.mark.timeout(180)
@@ -118,8 +119,9 @@ def samples(dataset):
 def registry(dataset, samples, tmp_path_factory):
     """A tiny trained U-Net logged, registered as ``cxrgaze`` and aliased ``champion`` in a
     temporary SQLite store (the process's tracking URI for the module)."""
+    from cxrgaze.config import resolve_run_config
     from cxrgaze.serving.log import log_model
-    from cxrgaze.train import resolve_run_config, train
+    from cxrgaze.train import train
 
     root = tmp_path_factory.mktemp("serving")
     config = resolve_run_config({"train": {"epochs": 1, "batch_size": 16, "device": "cpu"},

@@ -13,9 +13,11 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from cxrgaze.cli import main as cli_main
-from cxrgaze.config import ConfigError
-from cxrgaze.tune import (TRIAL_RUN_ATTR, live_trials, load_tuned, merge_overrides, open_study, run_study, run_worker,
-                          tune_config)
+from cxrgaze.config import ConfigError, tune_config
+from cxrgaze.tune.overrides import load_tuned, merge_overrides
+from cxrgaze.tune.storage import TRIAL_RUN_ATTR, live_trials, open_study
+from cxrgaze.tune.study import run_study
+from cxrgaze.tune.worker import run_worker
 
 TINY = {
     "model": {"encoder": "tu-tinynet_e", "decoder_channels": [32, 16, 16, 8, 8]},

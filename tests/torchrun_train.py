@@ -81,7 +81,8 @@ def main() -> int:
     spy_dir, out_root, params, prepared, split, variants = sys.argv[1:7]
     from cxrgaze.cli import main as cli_main
     from cxrgaze.config import load_params
-    from cxrgaze.train import resolve_run_config, train
+    from cxrgaze.config import resolve_run_config
+    from cxrgaze.train import train
 
     from cxrgaze import distributed
 
