@@ -55,6 +55,16 @@ def test_every_command_has_help(command, capsys, monkeypatch):
             assert re.search(rf"[\s{{,]{re.escape(variant)}[\s,}}]", listing), variant
 
 
+def test_every_option_says_what_it_does():
+    """Every argument of every command has a description in ``--help``."""
+    import argparse
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    undocumented = [f"{name} {action.dest}" for name, parser in sub.choices.items() for action in parser._actions
+                    if not isinstance(action, argparse._HelpAction) and not action.help]
+    assert undocumented == []
+
+
 def test_parser_lists_all_commands(capsys, monkeypatch):
     """``cxrgaze --help`` lists every command with a one-line description, and a mistyped
     command exits 2 naming the valid ones."""

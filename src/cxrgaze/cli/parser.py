@@ -67,8 +67,9 @@ def _add_input_commands(add: Add) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--ids", default=None, help="optional id subset in the paper's format (header ',filename')")
     p.add_argument("--params", default=None, help="read the `data` section of this params.yaml (flags override it)")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--resize", choices=("stretch", "pad"), default=None)
+    p.add_argument("--image-size", type=int, default=None, help="side of the square arrays in pixels (data.image_size)")
+    p.add_argument("--resize", choices=("stretch", "pad"), default=None,
+                   help="stretch to the square like the reference, or pad to keep the aspect (data.resize)")
     p.add_argument("--gaze-sigma", type=float, default=None, help="Gaussian sigma in original pixels (reference: 150)")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (0: one per core)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -77,7 +78,7 @@ def _add_input_commands(add: Add) -> None:
     p.add_argument("--prepared", required=True, help="folder written by `cxrgaze prepare`")
     p.add_argument("--out", required=True, help="split CSV to write (dicom_id, patient_id, label, split)")
     p.add_argument("--params", default=None, help="read the `split` section of this params.yaml")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed of the patient assignment (split.seed)")
 
 
 def _add_training_commands(add: Add) -> None:
@@ -88,9 +89,9 @@ def _add_training_commands(add: Add) -> None:
     p.add_argument("--split", default=layout.SPLIT, help=_SPLIT_HELP)
     p.add_argument("--out", required=True, help="checkpoint folder (with --variant all: one subfolder per variant)")
     p.add_argument("--params", default=None, help="read model/loss/train/variants from this params.yaml")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="replaces train.epochs")
+    p.add_argument("--batch-size", type=int, default=None, help="the global batch; replaces train.batch_size")
+    p.add_argument("--lr", type=float, default=None, help="replaces train.lr")
     p.add_argument("--seed", type=int, default=None, help="train this one seed (replaces train.seed and train.seeds)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing last.pt (its folder is overwritten)")
@@ -125,18 +126,18 @@ def _add_model_commands(add: Add) -> None:
 
     p = add("register", cmd_register, "Register evaluated models in the MLflow registry; move `champion` by validation AUC.")
     p.add_argument("--eval-root", default=layout.EVAL_ROOT, help=_EVAL_ROOT_HELP)
-    p.add_argument("--prepared", default=layout.PREPARED)
-    p.add_argument("--split", default=layout.SPLIT)
+    p.add_argument("--prepared", default=layout.PREPARED, help=_PREPARED_HELP)
+    p.add_argument("--split", default=layout.SPLIT, help=_SPLIT_HELP)
     p.add_argument("--dicom-dir", default=layout.DICOM_DIR, help="to re-evaluate the champion when the data changed")
     p.add_argument("--params", default=None, help="params.yaml: register section and variant list")
-    p.add_argument("--variants", nargs="+", default=None)
+    p.add_argument("--variants", nargs="+", default=None, help="variants to register (default: params.yaml's)")
     p.add_argument("--min-delta", type=float, default=None, help="validation AUC gain needed to move the champion")
     p.add_argument("--train-root", default=None, help=f"checkpoints (e.g. {layout.TRAIN_ROOT}): log evaluations that "
                    "no MLflow run holds (restored by DVC)")
 
     p = add("predict", cmd_predict, "Diagnose image files (DICOM, PNG, JPEG) with the served model, offline: "
             "a JSON line per file and an overlay PNG per file.")
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("files", nargs="+", metavar="FILE", help="DICOM, PNG or JPEG files")
     p.add_argument("--model", default="models:/cxrgaze@champion",
                    help="model URI or local model folder (default models:/cxrgaze@champion)")
     p.add_argument("--out", default=None, help="folder for the overlay PNGs (none written without it)")
