@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cxrgaze.config import from_mapping, load_params
+from cxrgaze.config import load_params
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -18,9 +18,9 @@ def cmd_report(args: argparse.Namespace) -> None:
     params = load_params(args.params) if args.params else {}
     variants = args.variants or list(params.get("variants") or {}) or sorted(
         p.name for p in Path(args.eval_root).iterdir() if (p / "metrics.json").exists())
-    from cxrgaze.config import EvalConfig
+    from cxrgaze.config import eval_config
 
-    config = from_mapping(EvalConfig, params.get("evaluate"), where=f"{args.params}: evaluate" if args.params else "evaluate")
+    config = eval_config(params, args.params)
     report = build_report(args.eval_root, variants, n_resamples=config.n_resamples, seed=config.seed,
                           confidence=config.confidence, specificity=config.specificity,
                           tuning=read_tuning(args.tune_json))

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from cxrgaze.cli.data_commands import params_section
-from cxrgaze.config import from_mapping, load_params
+from cxrgaze.config import load_params
 from cxrgaze.variants import VARIANTS
 
 
@@ -63,14 +63,11 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from cxrgaze.config import EvalConfig
+    from cxrgaze.config import eval_config
     from cxrgaze.evaluate import evaluate
     from cxrgaze.experiment.evaluation import evaluate_tracked
 
-    values = params_section(args.params, "evaluate")
-    if args.resamples is not None:
-        values["n_resamples"] = args.resamples
-    config = from_mapping(EvalConfig, values, where=f"{args.params}: evaluate" if args.params else "evaluate")
+    config = eval_config({"evaluate": params_section(args.params, "evaluate")}, args.params, n_resamples=args.resamples)
     train_dir = Path(args.train_dir)
     if args.no_track:
         result = evaluate(train_dir / "best.pt", args.prepared, args.split, args.out, config,

@@ -48,9 +48,12 @@ class EvalConfig:
         object.__setattr__(self, "paper_size", (int(low), int(high)))
 
 
-def eval_config(params: Mapping[str, Any] | None, where: str = "params.yaml") -> EvalConfig:
-    """The :class:`EvalConfig` of a params mapping's ``evaluate`` section (defaults without one)."""
-    return from_mapping(EvalConfig, (params or {}).get("evaluate"), where=f"{where}: evaluate")
+def eval_config(params: Mapping[str, Any] | None, where: str | None = "params.yaml", **overrides: Any) -> EvalConfig:
+    """The :class:`EvalConfig` of a params mapping's ``evaluate`` section (defaults without
+    one); ``overrides`` that are not None (command-line flags) replace its values. Errors
+    name ``where`` (the file)."""
+    section = {**((params or {}).get("evaluate") or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    return from_mapping(EvalConfig, section, where=f"{where}: evaluate" if where else "evaluate")
 
 
 GATE_KEYS = ("min_gaze_cc", "require_sanity")
