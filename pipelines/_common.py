@@ -15,8 +15,8 @@ def run_stage(name: str, body: Callable[[], None]) -> None:
     from cxrgaze.errors import USER_ERRORS, first_line
     from cxrgaze.layout import export_data_version
 
-    export_data_version()
     try:
+        export_data_version()
         body()
     except USER_ERRORS as exc:
         if os.environ.get("CXRGAZE_DEBUG"):

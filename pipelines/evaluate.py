@@ -11,7 +11,7 @@ and OUT_DIR/scores.npz combine the seeds (:func:`cxrgaze.evaluate.combine_seeds`
 `report` stage puts the headline numbers of every variant into metrics/headline.json, and
 `dvc metrics show outputs/eval/<variant>/metrics.json` shows all of one variant's.
 The MLflow run that holds an evaluation (and its model) is tagged with the SHA-256 of its
-metrics.json: `report` and `register` find it by that (:func:`cxrgaze.experiment.evaluation_run`).
+metrics.json: `report` and `register` find it by that (:func:`cxrgaze.experiment.evaluation.evaluation_run`).
 """
 
 import shutil

@@ -6,7 +6,7 @@ Reads params.yaml: register, variants. Writes OUT_JSON with the versions and the
 this machine's record, not a DVC output (the registry lives in the MLflow tracking store).
 An evaluation that DVC restored (`dvc pull`, the run cache) and no MLflow run of this
 store holds is logged first, with its model, from TRAIN_ROOT's checkpoint and
-FIGURES_ROOT's figures (:func:`cxrgaze.experiment.log_restored_evaluation`).
+FIGURES_ROOT's figures (:func:`cxrgaze.experiment.evaluation.log_restored_evaluation`).
 """
 
 import json

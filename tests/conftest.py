@@ -29,9 +29,18 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _no_data_version(monkeypatch):
+    """Each test starts without a data version: one that an earlier test's ``cxrgaze``
+    command exported must not tag this test's runs."""
+    monkeypatch.delenv("CXRGAZE_DATA_VERSION", raising=False)
+
+
 def tool_env() -> dict[str, str]:
-    """Environment for subprocesses: this venv's tools first, git identity, no analytics."""
+    """Environment for subprocesses: this venv's tools first, git identity, no analytics,
+    no inherited data version (the subprocess's own entry point reads its project's)."""
     env = dict(os.environ)
+    env.pop("CXRGAZE_DATA_VERSION", None)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["DVC_NO_ANALYTICS"] = "1"
     env.setdefault("GIT_AUTHOR_NAME", "cxrgaze-test")

@@ -31,7 +31,12 @@ def _module_file(name: str) -> Path | None:
 def _imports(path: Path) -> set[str]:
     """The cxrgaze modules ``path`` imports (``from pkg import sub`` counts ``pkg.sub`` when it is a module)."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for block in ast.walk(tree)  # `if TYPE_CHECKING:` imports never run
+                   if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING" for n in ast.walk(block)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "cxrgaze"}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.split(".")[0] == "cxrgaze":

@@ -63,7 +63,6 @@ from cxrgaze.evaluation.sanity import generator_map_fn, sanity_check
 from cxrgaze.evaluation.scores import FILENAME as SCORES_FILE
 from cxrgaze.evaluation.scores import SplitScores, load_scores, save_scores, split_from_logits
 from cxrgaze.explain import generator_maps
-from cxrgaze.explain.gradcam import gradcam
 from cxrgaze.metrics import auc_summary
 from cxrgaze.models import GazeNet
 from cxrgaze.predict import predict_logits, scoring_rule, selection_metrics
@@ -132,6 +131,8 @@ def compute_heatmaps(model: GazeNet, images: torch.Tensor, target: torch.Tensor,
                      device: torch.device, batch_size: int = 32) -> dict[str, np.ndarray | None]:
     """The three maps of ``images`` (N, 1, S, S) for classes ``target`` (N,): each (N, S, S)
     in [0, 1], ``mask`` None for a model without decoder."""
+    from cxrgaze.explain.gradcam import gradcam  # here: pytorch_grad_cam loads cv2 and matplotlib (slow imports)
+
     masks, generators, cams = [], [], []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device, torch.float32)
@@ -297,7 +298,7 @@ def _json_safe(metrics: dict[str, float]) -> dict[str, float | None]:
 
 def _write_figures(figures_dir: Path, test: SplitTensors, probs: np.ndarray, maps: dict[str, np.ndarray | None],
                    cfg: EvalConfig, history_csv: str | Path | None) -> dict[str, Path]:
-    # matplotlib only when figures are drawn: training imports this module (through cxrgaze.experiment)
+    # matplotlib only when figures are drawn: the report and register stages import this module
     from cxrgaze.evaluation.figures import (PanelRow, confusion_matrix_figure, heatmap_panel, reliability_diagram,
                                             roc_curves, select_panel_cases, training_curves)
 

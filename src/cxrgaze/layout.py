@@ -47,21 +47,36 @@ DATA_DVC = "data.dvc"
 
 
 def data_version(root: str | Path = ".") -> str | None:
-    """The data version: the md5 that ``data.dvc`` records for ``data/`` (None without one)."""
+    """The data version: the md5 that ``data.dvc`` records for ``data/`` (None without one,
+    or when the file is not the DVC file it should be: the version is a tag, never a reason
+    to stop a command)."""
     path = Path(root) / DATA_DVC
-    if not path.exists():
-        return None
     try:
         outs = yaml.safe_load(path.read_text()).get("outs") or []
-    except (yaml.YAMLError, AttributeError):
+        md5 = outs[0].get("md5") if isinstance(outs, list) and outs and isinstance(outs[0], dict) else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
         return None
-    return str(outs[0].get("md5")) if outs and outs[0].get("md5") else None
+    return str(md5) if md5 else None
+
+
+_exported: str | None = None
+"""The value :func:`export_data_version` last set in this process."""
 
 
 def export_data_version(root: str | Path = ".") -> None:
-    """Make :func:`data_version` the version every MLflow run of this process (and of the
-    workers and ranks it starts) is tagged with (:data:`cxrgaze.DATA_VERSION_ENV`),
-    unless the environment already says."""
+    """Make :func:`data_version` of ``root`` the version every MLflow run of this process
+    (and of the workers and ranks it starts) is tagged with (:data:`cxrgaze.DATA_VERSION_ENV`).
+
+    A value set by the user (or by the process that started this one) is kept; a value this
+    function set earlier is replaced, so a process that runs commands in several projects
+    tags each one's runs with that project's version."""
+    global _exported
+    current = os.environ.get(DATA_VERSION_ENV)
+    if current and current != _exported:
+        return
     version = data_version(root)
-    if version and not os.environ.get(DATA_VERSION_ENV):
+    if version:
         os.environ[DATA_VERSION_ENV] = version
+    else:
+        os.environ.pop(DATA_VERSION_ENV, None)
+    _exported = version

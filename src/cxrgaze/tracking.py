@@ -171,15 +171,12 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def run_tags(variant: str | None = None, device: str | None = None, root: str | Path = ".",
-             data_hash: str | None = None) -> dict[str, str]:
+def run_tags(variant: str | None = None, device: str | None = None, root: str | Path = ".") -> dict[str, str]:
     """The tags every cxrgaze run carries: variant, device, git commit, revision and DVC
-    experiment (:func:`run_context`), data version, library versions.
-
-    ``data_hash`` overrides :func:`data_version` (the entry point's).
-    """
+    experiment (:func:`run_context`), data version (:func:`data_version`, the entry
+    point's), library versions."""
     tags = {"cxrgaze.variant": variant, "cxrgaze.device": device, "mlflow.source.git.commit": git_commit(root),
-            "cxrgaze.data_version": data_hash or data_version(), **run_context(root)}
+            "cxrgaze.data_version": data_version(), **run_context(root)}
     tags.update({f"cxrgaze.version.{k}": v for k, v in library_versions().items()})
     return {k: str(v) for k, v in tags.items() if v is not None}
 

@@ -26,8 +26,8 @@ __all__ = ["USER_ERRORS", "build_parser", "main"]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    export_data_version()
     try:
+        export_data_version()
         args.func(args)
     except USER_ERRORS as exc:
         if os.environ.get("CXRGAZE_DEBUG"):

@@ -55,7 +55,7 @@ class TuneConfig:
     workers: int = 1
     """Worker processes on this machine; more than 1 needs a journal or PostgreSQL storage."""
     seed: int = 0
-    """TPE seed: trial ``n`` is sampled with a seed made of ``seed`` and ``n`` (see :func:`trial_sampler`)."""
+    """TPE seed: trial ``n`` is sampled with a seed made of ``seed`` and ``n`` (see :func:`cxrgaze.tune.storage.trial_sampler`)."""
     space: Mapping[str, SearchRange] = field(default_factory=lambda: {"alpha": SearchRange(0.0, 1.0)})
     n_startup_trials: int = 5
     """Median pruner: no pruning until this many trials have completed."""

@@ -24,7 +24,7 @@ AUC on all test cases as the estimate, the (1 - confidence)/2 and (1 + confidenc
 percentiles of the resampled AUCs as the interval. :func:`paper_bootstrap` is the protocol
 of Watanabe, Ketabi, Namdar and Khalvati (30 resamples of 55 to 60 cases, 2.5th / 50th /
 97.5th percentiles reported). Paired comparisons of two models on the same resamples, and
-their p-values, are in :mod:`cxrgaze.evaluation.paired` (still importable from here).
+their p-values, are in :mod:`cxrgaze.evaluation.paired`.
 
 **Macro AUC of a resample** is the mean over the classes that have an AUC in that resample
 (NaN when none has), as :func:`cxrgaze.metrics.auc_summary` does on the full data. Keys of

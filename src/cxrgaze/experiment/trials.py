@@ -29,25 +29,29 @@ class StudyRuns:
         self.experiment_id = set_experiment()
         self.tags = {**run_tags(variant=variant, device=device), **tags}
 
-    def open_parent(self, run_id: str | None, tags: Mapping[str, str]) -> str:
-        """The study's parent run: ``run_id`` reopened when it still exists, else a new run;
-        ``tags`` (storage, search space, budget) set on it."""
+    def open_parent(self, run_id: str | None) -> str:
+        """The study's parent run: ``run_id`` reopened when it still exists, else a new run
+        (the caller stores a new id in the study at once, then tags the run)."""
         if run_id and run_exists(run_id):
             self.client.update_run(run_id, status="RUNNING")
-        else:
-            run_id = self.client.create_run(self.experiment_id, run_name=f"tune-{self.variant}", tags=self.tags).info.run_id
+            return run_id
+        return self.client.create_run(self.experiment_id, run_name=f"tune-{self.variant}", tags=self.tags).info.run_id
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
-        return run_id
 
-    def start_trial(self, parent_run_id: str, number: int, params: Mapping[str, Any]) -> str:
-        """A child run for trial ``number`` with the trial's training config as params."""
-        run_id = self.client.create_run(
+    def start_trial(self, parent_run_id: str, number: int) -> str:
+        """A child run for trial ``number`` (the caller stores its id in the trial at once,
+        then logs the params: a worker killed in between leaves a run the retry can find)."""
+        return self.client.create_run(
             self.experiment_id, run_name=f"{self.variant}-trial-{number}",
             tags={**self.tags, "mlflow.parentRunId": parent_run_id, "optuna.trial.number": str(number)},
         ).info.run_id
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """The trial's training config as params."""
         self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-        return run_id
 
     @staticmethod
     def epoch_logger(run_id: str) -> EpochLogger:
@@ -74,17 +78,24 @@ def end_stale_trial_run(run_id: str | None, state: str) -> None:
         client.set_terminated(run_id, "FAILED")
 
 
-def log_study_summary(run_id: str, metrics: Mapping[str, float], step: int, best_trial: int | None,
-                      figures: Mapping[str, Any], note: str | None = None) -> None:
-    """Best value and parameters, trial counts (at ``step`` = trials so far), the Optuna
-    figures (artifact name -> matplotlib figure) and an optional note on the parent run; end it FINISHED."""
+def log_study_summary(run_id: str, metrics: Mapping[str, float], step: int, best_trial: int | None) -> None:
+    """Best value and parameters and the trial counts (at ``step`` = trials so far) on the
+    study's parent run."""
     client = MlflowClient()
     for key, value in metrics.items():
         client.log_metric(run_id, key, value, step=step)
     if best_trial is not None:
         client.set_tag(run_id, "optuna.best_trial", str(best_trial))
-    for name, figure in figures.items():
-        client.log_figure(run_id, figure, name)
+
+
+def log_study_figure(run_id: str, figure: Any, name: str) -> None:
+    """A matplotlib figure (an Optuna plot) as artifact ``name`` of the parent run."""
+    MlflowClient().log_figure(run_id, figure, name)
+
+
+def end_study_run(run_id: str, note: str | None = None) -> None:
+    """End the parent run FINISHED, with an optional ``cxrgaze.note`` tag."""
+    client = MlflowClient()
     if note:
         client.set_tag(run_id, "cxrgaze.note", note)
     client.set_terminated(run_id, "FINISHED")

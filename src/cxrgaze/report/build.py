@@ -46,7 +46,7 @@ def build_report(eval_root: str | Path, variants: list[str], n_resamples: int = 
                  tuning: dict[str, dict[str, Any]] | None = None) -> Report:
     """Collect every variant's evaluation, run the paired comparisons (with the Holm
     adjustment over all of them), calibration, sensitivity at ``specificity`` and seed
-    spread on the test split; ``tuning`` (:func:`read_tuning`) says which variants were
+    spread on the test split; ``tuning`` (:func:`cxrgaze.report.load.read_tuning`) says which variants were
     tuned, with what budget."""
     loaded = {v: load_eval(eval_root, v) for v in variants}
     classes = _common_classes(eval_root, {v: s for v, (_, s) in loaded.items()})

@@ -52,7 +52,7 @@ class Report:
     confidence: float = 0.95
     tuning: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Variant -> its Optuna study's result (best values, trials by state), for the tuned
-    variants (``metrics/tune.json``); see :func:`read_tuning`."""
+    variants (``metrics/tune.json``); see :func:`cxrgaze.report.load.read_tuning`."""
 
     def headline(self) -> dict[str, dict[str, Any]]:
         """Per variant the numbers an experiment is compared by (``dvc exp show``): test macro

@@ -58,7 +58,6 @@ from PIL import Image
 from cxrgaze.checkpoint import load_checkpoint, model_from_checkpoint
 from cxrgaze.config import DataConfig, from_mapping
 from cxrgaze.explain import generator_maps, trace
-from cxrgaze.explain.gradcam import gradcam
 from cxrgaze.models import class_logits
 from cxrgaze.predict import scores_from_logits, scoring_rule
 from cxrgaze.runtime import resolve_device
@@ -173,6 +172,8 @@ class CxrGazeModel(mlflow.pyfunc.PythonModel):
     def _infer(self, x: torch.Tensor, heatmap: str) -> tuple[np.ndarray, np.ndarray | None]:
         """Class scores (b, K; :mod:`cxrgaze.predict`) and heatmaps (b, S, S) in [0, 1] (None for ``none``) of
         grey images ``x`` (b, 1, S, S)."""
+        from cxrgaze.explain.gradcam import gradcam  # here: pytorch_grad_cam loads cv2 and matplotlib (slow imports)
+
         maps: torch.Tensor | np.ndarray | None = None
         if heatmap == "gbp":
             x = x.requires_grad_(True)

@@ -132,12 +132,11 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx, device = _join(dist, cfg.device, micro_batches)
-    shards = ctx.world_size * micro_batches
     seed_everything(cfg.seed)
     train_data, val_data = _load_splits(prepared_dir, split_csv, cfg.batch_size, ctx, micro_batches)
     model = build_model(config.model, variant=cfg.variant).to(device)
     stepper = Stepper(model, config, train_data, device, ctx, micro_batches, out_dir / "last.pt")
-    state = _resume(stepper, config, device, shards, ctx) if resume and stepper.last_path.exists() else _Progress()
+    state = _resume(stepper, config, device, ctx) if resume and stepper.last_path.exists() else _Progress()
     broadcast_module(model)  # every rank starts from rank 0's weights (they agree already: same seed or last.pt)
     for epoch in range(state.next_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -151,7 +150,7 @@ def train(
         record["seconds"] = time.perf_counter() - t0
         improved = state.add(record)
         if ctx.is_main:
-            _save(stepper, config, state, epoch, improved, shards, out_dir)
+            _save(stepper, config, state, epoch, improved, out_dir)
         if progress and ctx.is_main:
             tqdm.write(f"{cfg.variant} epoch {epoch + 1}/{cfg.epochs}: "
                        + ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k.startswith(("train_", "val_auc_macro", "val_outside"))))
@@ -190,7 +189,7 @@ def _load_splits(prepared_dir: str | Path, split_csv: str | Path, batch_size: in
     return train_data, val_data
 
 
-def _resume(stepper: Stepper, config: RunConfig, device: torch.device, shards: int, ctx: DistContext) -> _Progress:
+def _resume(stepper: Stepper, config: RunConfig, device: torch.device, ctx: DistContext) -> _Progress:
     """Restore model, optimizer, schedule and RNG from ``last.pt`` (same config only)."""
     last_path = stepper.last_path
     ckpt = load_checkpoint(last_path)
@@ -204,14 +203,14 @@ def _resume(stepper: Stepper, config: RunConfig, device: torch.device, shards: i
     torch.set_rng_state(ckpt["rng"]["torch"])
     if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    shards = stepper.shards
     if ckpt.get("shards", 1) != shards and ctx.is_main:
         warnings.warn(f"{last_path}: written with global batches cut into {ckpt.get('shards', 1)} shard(s), "
                       f"resumed with {shards}: the run goes on, but is not the bit-exact continuation", stacklevel=3)
     return _Progress(ckpt["history"], ckpt["best"], ckpt["best_epoch"], ckpt["epoch"] + 1)
 
 
-def _save(stepper: Stepper, config: RunConfig, state: _Progress, epoch: int, improved: bool, shards: int,
-          out_dir: Path) -> None:
+def _save(stepper: Stepper, config: RunConfig, state: _Progress, epoch: int, improved: bool, out_dir: Path) -> None:
     """``best.pt`` when the epoch is the new best; ``last.pt`` (resume state) always."""
     model, scheduler, config_dict = stepper.model, stepper.scheduler, config.as_dict()
     if improved:
@@ -223,7 +222,7 @@ def _save(stepper: Stepper, config: RunConfig, state: _Progress, epoch: int, imp
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if stepper.device.type == "cuda" else None},
         "epoch": epoch, "history": state.history, "best": state.best, "best_epoch": state.best_epoch,
-        "config": config_dict, **({"shards": shards} if shards > 1 else {}),
+        "config": config_dict, **({"shards": stepper.shards} if stepper.shards > 1 else {}),
     }, stepper.last_path)
 
 

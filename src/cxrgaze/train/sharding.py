@@ -5,7 +5,7 @@ Used by :class:`cxrgaze.train.step.Stepper` under ``torchrun`` or with ``micro_b
 (:mod:`cxrgaze.distributed` explains the design and why it does not use
 ``DistributedDataParallel``). The result equals one process stepping on the whole batch:
 the loss of each shard is weighted by its share of the batch, every shard starts from the
-same running statistics, and dropout is seeded per shard (:func:`shard_seed`), not per rank.
+same running statistics, and dropout is seeded per shard (:func:`cxrgaze.train.step.shard_seed`), not per rank.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class ShardedBackward:
         self.floats, self.ints = running_stats(model)
         self.term_keys: list[str] = []
 
-    def __call__(self, idx: torch.Tensor, shard_batch: Callable[[int, torch.Tensor, int, int], Batch],
+    def __call__(self, idx: torch.Tensor, shard_batch: Callable[[torch.Tensor, int, int], Batch],
                  loss_fn: Callable[[Batch], tuple[torch.Tensor, dict[str, Any]]],
                  seed_of: Callable[[int], int]) -> tuple[dict[str, float] | None, str]:
         """Leave the global gradient in ``.grad`` and return ``(sums, "")``: the global sums of
@@ -47,8 +47,8 @@ class ShardedBackward:
         ``(None, why)`` on every rank (``why`` names the shard on the rank that saw it)
         before touching gradients: the caller stops the run.
 
-        ``shard_batch(s, piece, start, stop)`` builds shard ``s`` (indices ``piece``, rows
-        ``start:stop`` of the global batch); ``seed_of(s)`` seeds its dropout.
+        ``shard_batch(piece, start, stop)`` builds the shard of indices ``piece`` (rows
+        ``start:stop`` of the global batch); ``seed_of(s)`` seeds shard ``s``'s dropout.
         """
         pieces = idx.tensor_split(self.ctx.world_size * self.micro_batches)
         starts = [0]
@@ -67,7 +67,7 @@ class ShardedBackward:
             for t, t0 in zip([*self.floats, *self.ints], [*floats0, *ints0]):  # every shard starts from the same statistics
                 t.copy_(t0)
             torch.manual_seed(seed_of(s))  # dropout: a function of the shard, not the rank
-            loss, terms = loss_fn(shard_batch(s, pieces[s], starts[s], starts[s + 1]))
+            loss, terms = loss_fn(shard_batch(pieces[s], starts[s], starts[s + 1]))
             if not torch.isfinite(loss):
                 nonfinite, bad = 1.0, f" (shard {s + 1}: {loss.item()})"
                 break

@@ -142,7 +142,7 @@ class Stepper:
         """The batch over this rank's shards (same affines as one process: drawn for the whole batch)."""
         full = to_batch(self.data, idx, torch.device("cpu"), augment) if augment is not None else None
 
-        def shard_batch(s: int, piece: torch.Tensor, start: int, stop: int) -> Batch:
+        def shard_batch(piece: torch.Tensor, start: int, stop: int) -> Batch:
             if full is not None:
                 return {k: v[start:stop].to(self.device) for k, v in full.items()}
             return to_batch(self.data, piece, self.device)

@@ -7,7 +7,7 @@ heatmap loss in the U-Net variants. One Optuna study per tuned variant (named
 run (``tune.epochs``): the validation macro AUC, less ``train.selection_gaze_weight`` times
 the generator map's mass outside the gaze (:func:`cxrgaze.train.validation_record`; the
 AUC alone by default), the same score that selects the kept checkpoint. The search covers
-the part of ``params.yaml: tune.space`` that the variant uses (:func:`variant_space`, from
+the part of ``params.yaml: tune.space`` that the variant uses (:func:`cxrgaze.config.variant_space`, from
 :attr:`cxrgaze.variants.Variant.loss_weights`: ``alpha`` for set 3, ``gamma`` for the U-Net
 variants, ``mass_weight`` and ``outside_weight`` for sets 1 and 3, ``rrr_weight`` for
 ``rrr-*``, ``lr`` for all), with a seeded TPE sampler and a median pruner fed the per-epoch
@@ -15,7 +15,7 @@ score. Tuning only set 3 over an ``alpha`` range that contains ``unet`` (1) and 
 gives set 3 a budget the others lack: for a fair comparison, list every variant in
 ``tune.variants`` with each one's weights in the space (the ``study`` profile). The best values go to
 ``best.yaml`` (:func:`~cxrgaze.tune.overrides.write_best`) as per-variant overrides, which the ``train@<variant>`` stages
-merge into their config (:func:`load_tuned`, :func:`merge_overrides`); trials never
+merge into their config (:func:`~cxrgaze.tune.overrides.load_tuned`, :func:`~cxrgaze.tune.overrides.merge_overrides`); trials never
 produce the final models.
 
 Storage (``tune.storage`` or ``--storage``):
@@ -28,7 +28,7 @@ Storage (``tune.storage`` or ``--storage``):
 
 SQLite and PostgreSQL (``RDBStorage``) record a heartbeat every ``heartbeat_interval``
 seconds while a trial runs; a trial silent for ``grace_period`` seconds (its worker died)
-is marked FAIL and queued again (:data:`MAX_RETRY` times at most).
+is marked FAIL and queued again (:data:`cxrgaze.tune.storage.MAX_RETRY` times at most).
 
 Trial budget: ``n_trials`` is the total number of trials a study should hold, whatever
 their state (COMPLETE, PRUNED, FAIL, and the RUNNING/WAITING ones under way); a FAIL trial

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
 from cxrgaze.config import SPACE_TARGETS, ConfigError
-
-if TYPE_CHECKING:
-    from cxrgaze.tune.study import StudyResult
 
 
 def as_overrides(values: Mapping[str, float]) -> dict[str, dict[str, float]]:
@@ -56,15 +53,17 @@ def load_tuned(path: str | Path, variant: str) -> dict[str, dict[str, Any]]:
     return entry
 
 
-def write_best(path: str | Path, variants: Iterable[str], results: Mapping[str, "StudyResult"]) -> Path:
+def write_best(path: str | Path, variants: Iterable[str], results: Mapping[str, Any]) -> Path:
     """Write ``best.yaml``: one key per name in ``variants`` (all of ``params.yaml: variants``)
     and in ``results``; the tuned overrides for those in ``results``, an earlier entry of the
-    same file for the others, else ``{}``. Each key is a DVC param of its ``train@<variant>`` stage."""
+    same file for the others, else ``{}``. Each key is a DVC param of its ``train@<variant>`` stage.
+    ``results`` maps variants to :class:`cxrgaze.tune.study.StudyResult` (anything with ``.overrides``)."""
     path = Path(path)
     earlier = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
     out = {v: results[v].overrides if v in results else earlier.get(v, {}) for v in dict.fromkeys([*variants, *results])}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
+    # The header keeps the module's old name: the file is a DVC output, and its bytes a train stage's input.
     tmp.write_text("# Written by the tune stage (cxrgaze.tune.write_best): tuned overrides per variant.\n"
                    + yaml.safe_dump(out, sort_keys=False))
     tmp.replace(path)

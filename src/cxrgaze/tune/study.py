@@ -18,7 +18,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState
 
 from cxrgaze.config import TUNABLE_VARIANTS, ConfigError, TuneConfig
-from cxrgaze.experiment.trials import log_study_summary
+from cxrgaze.experiment.trials import end_study_run, log_study_figure, log_study_summary
 from cxrgaze.tracking import set_experiment
 from cxrgaze.tune.overrides import as_overrides
 from cxrgaze.tune.storage import PARENT_RUN_ATTR, live_trials, open_study
@@ -75,27 +75,30 @@ def study_result(study: optuna.Study, variant: str) -> StudyResult:
 
 
 def _log_summary(study: optuna.Study, result: StudyResult) -> None:
-    """Best value and parameters, trial counts and figures on the study's parent run."""
+    """Best value and parameters, trial counts and figures on the study's parent run (in
+    that order: a plot Optuna cannot draw must not cost the numbers)."""
     import matplotlib.pyplot as plt  # plotting only at the end of a study
     from optuna.visualization import matplotlib as optuna_plots  # likewise
 
-    if result.parent_run_id is None:
+    run_id = result.parent_run_id
+    if run_id is None:
         return
     metrics = {k: float(v) for k, v in result.to_metrics().items() if v is not None and k != "best_trial"}
+    log_study_summary(run_id, metrics, sum(result.states.values()), result.best_trial)
     note = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        figures = {"optimization_history.png": optuna_plots.plot_optimization_history(study).figure}
+        figure = optuna_plots.plot_optimization_history(study).figure
+        log_study_figure(run_id, figure, "optimization_history.png")
+        plt.close(figure)
         if result.states["COMPLETE"] >= 2:
-            figures["param_importances.png"] = optuna_plots.plot_param_importances(study).figure
+            figure = optuna_plots.plot_param_importances(study).figure
+            log_study_figure(run_id, figure, "param_importances.png")
+            plt.close(figure)
         else:
             note = f"param_importances.png skipped: needs 2 completed trials, the study has {result.states['COMPLETE']}"
             print(f"{study.study_name}: {note}")
-    try:
-        log_study_summary(result.parent_run_id, metrics, sum(result.states.values()), result.best_trial, figures, note)
-    finally:
-        for figure in figures.values():
-            plt.close(figure)
+    end_study_run(run_id, note)
 
 
 def run_study(params: Mapping[str, Any], cfg: TuneConfig, variant: str, prepared: str | Path,

@@ -116,12 +116,12 @@ class _Worker:
 
     def _open_parent_run(self) -> None:
         existing = self.study.user_attrs.get(PARENT_RUN_ATTR)
-        space = {k: dataclasses.asdict(v) for k, v in variant_space(self.cfg.space, self.variant).items()}
-        run_id = self.runs.open_parent(existing, {"optuna.storage": display_storage(self.cfg.storage),
-                                                  "optuna.search_space": json.dumps(space),
-                                                  "optuna.n_trials": str(self.cfg.n_trials)})
+        run_id = self.runs.open_parent(existing)
         if run_id != existing:
             self.study.set_user_attr(PARENT_RUN_ATTR, run_id)
+        space = {k: dataclasses.asdict(v) for k, v in variant_space(self.cfg.space, self.variant).items()}
+        self.runs.set_tags(run_id, {"optuna.storage": display_storage(self.cfg.storage),
+                                    "optuna.search_space": json.dumps(space), "optuna.n_trials": str(self.cfg.n_trials)})
         self.parent_run_id = run_id
 
     def _next_action(self) -> str:
@@ -149,8 +149,9 @@ class _Worker:
         overrides = as_overrides(values)
         overrides.setdefault("train", {})["epochs"] = self.cfg.epochs
         config = resolve_run_config(merge_overrides(self.params, overrides, self.variant), self.variant)
-        run_id = self.runs.start_trial(self.parent_run_id, trial.number, flatten(config.as_dict()))
+        run_id = self.runs.start_trial(self.parent_run_id, trial.number)
         trial.set_user_attr(TRIAL_RUN_ATTR, run_id)
+        self.runs.log_params(run_id, flatten(config.as_dict()))
         state, status, metrics, tags = TrialState.FAIL, "FAILED", {}, {}
         try:
             with tempfile.TemporaryDirectory(prefix=f"cxrgaze-tune-{self.variant}-{trial.number}-") as out:
