@@ -49,7 +49,7 @@ def test_training_and_evaluation_land_in_one_run(tiny_prepared, mlflow_store, tm
     assert run.data.tags["cxrgaze.variant"] == "unet" and run.data.tags["cxrgaze.device"] == "cpu"
     assert run.data.tags["cxrgaze.version.torch"]
     history = client.get_metric_history(run_id, "epoch_val_auc_macro")
-    assert [m.step for m in history] == [0, 1]
+    assert [m.step for m in history] == [1, 2]
     assert run.data.metrics["best_val_auc_macro"] == pytest.approx(result.best["val_auc_macro"])
     assert read_run_file(tmp_path / "train")["run_id"] == run_id
 
@@ -123,7 +123,7 @@ def test_a_second_evaluation_or_another_experiment_gets_a_run_of_its_own(tiny_pr
     assert own.info.run_name == "unet" and own.data.tags["cxrgaze.trained_in_run"] == train_run
     assert own.data.tags["cxrgaze.dvc_experiment"] == "fewer-resamples"
     assert own.data.params["evaluate.n_resamples"] == "100" and own.data.params["model.encoder"] == "tu-tinynet_e"
-    assert [m.step for m in client.get_metric_history(other, "epoch_val_auc_macro")] == [0, 1]  # curves copied
+    assert [m.step for m in client.get_metric_history(other, "epoch_val_auc_macro")] == [1, 2]  # curves copied
     assert evaluation_run(tmp_path / "eval0")[:2] == (other, own.data.tags["cxrgaze.model_uri"])
     monkeypatch.delenv("DVC_EXP_NAME")
 
@@ -162,6 +162,21 @@ def test_an_interrupted_run_resumes_into_the_same_mlflow_run(tiny_prepared, mlfl
     assert run_id == first
     client = MlflowClient()
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run_id, "epoch_val_auc_macro")] == [0, 1]
+    assert [m.step for m in client.get_metric_history(run_id, "epoch_val_auc_macro")] == [1, 2]
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
     assert math.isfinite(result.best["val_auc_macro"])
+
+
+def test_the_experiment_opens_as_model_training_with_a_description(mlflow_store):
+    """MLflow's UI opens a ``custom_model_development`` experiment on its runs table and shows
+    the note as its description; a description the user wrote is not overwritten."""
+    from cxrgaze.tracking import set_experiment
+
+    client = MlflowClient()
+    experiment_id = set_experiment()
+    tags = client.get_experiment(experiment_id).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "test_auc_macro" in tags["mlflow.note.content"] and "shortcut" in tags["mlflow.note.content"]
+    client.set_experiment_tag(experiment_id, "mlflow.note.content", "my own notes")
+    set_experiment()
+    assert client.get_experiment(experiment_id).tags["mlflow.note.content"] == "my own notes"

@@ -81,5 +81,5 @@ def test_tracking_server_running_gets_the_whole_run(tiny_prepared, tracking_serv
     _, run_id = train_tracked(config, prepared, split, tmp_path / "train", progress=False)
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert [m.step for m in MlflowClient().get_metric_history(run_id, "epoch_val_auc_macro")] == [0, 1]
+    assert [m.step for m in MlflowClient().get_metric_history(run_id, "epoch_val_auc_macro")] == [1, 2]
     assert "tracking_lost" not in json.loads((tmp_path / "train" / "run.json").read_text())

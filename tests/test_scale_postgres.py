@@ -279,7 +279,7 @@ def test_training_and_evaluation_through_an_mlflow_server_on_postgresql(mlflow_s
         assert run.info.status == "FINISHED" and run.data.tags["cxrgaze.evaluated"] == "true"
         assert run.data.params["model.encoder"] == "tu-tinynet_e" and run.data.params["train.epochs"] == "1"
         assert run.data.metrics["best_val_auc_macro"] == pytest.approx(result.best["val_auc_macro"])
-        assert [m.step for m in client.get_metric_history(run_id, "epoch_val_auc_macro")] == [0]
+        assert [m.step for m in client.get_metric_history(run_id, "epoch_val_auc_macro")] == [1]
         assert "test_auc_macro" in run.data.metrics
         assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server
         assert {"history.csv", "figures", "evaluation"} <= {a.path for a in client.list_artifacts(run_id)}

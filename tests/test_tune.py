@@ -97,7 +97,9 @@ def test_three_trial_study_end_to_end_then_resume(tiny_prepared, tracking, tmp_p
         assert run.data.params["train.epochs"] == "1"
         assert run.data.tags["optuna.trial.state"] == "COMPLETE" and run.info.status == "FINISHED"
         assert run.data.metrics["best_val_auc_macro"] == pytest.approx(trial.value)
-        assert [m.step for m in tracking.get_metric_history(run.info.run_id, "val_auc_macro")] == [0]
+        assert [m.step for m in tracking.get_metric_history(run.info.run_id, "epoch_val_auc_macro")] == [1]  # 1-based
+        assert run.data.metrics["objective"] == pytest.approx(trial.value)  # what Optuna maximised, by name
+        assert run.data.metrics["best_epoch"] == 1
 
     # Resume: the same total adds nothing (best.yaml is still written); a larger one adds the missing trials.
     (tmp_path / "best.yaml").unlink()
@@ -145,7 +147,9 @@ def test_a_clearly_worse_trial_is_pruned(mixed_study):
     assert [t.state for t in trials[:2]] == [TrialState.COMPLETE] * 2
     assert trials[3].state == TrialState.PRUNED and list(trials[3].intermediate_values) == [0]
     run = client.get_run(trials[3].user_attrs[TRIAL_RUN_ATTR])
-    assert run.info.status == "KILLED" and run.data.tags["optuna.trial.state"] == "PRUNED"
+    # Pruned on purpose, not a failure: FINISHED in MLflow, the state and the reason in tags.
+    assert run.info.status == "FINISHED" and run.data.tags["optuna.trial.state"] == "PRUNED"
+    assert "below the median" in run.data.tags["cxrgaze.pruned"] and "objective" not in run.data.metrics
     assert result.states == {"COMPLETE": 2, "PRUNED": 1, "FAIL": 1, "RUNNING": 0, "WAITING": 0}
 
 

@@ -53,6 +53,23 @@ RUN_FILE = "run.json"
 CHECKPOINT_TAG = "cxrgaze.checkpoint_sha256"
 """Tag of a run that trained (or evaluated) a checkpoint: the SHA-256 of its ``best.pt``."""
 
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": (
+        "Chest X-ray classifiers (Normal / CHF / pneumonia) whose training loss supervises heatmap generators "
+        "with a radiologist's eye gaze (cxrgaze).\n\n"
+        "- **Training runs** are named after their variant (tag `cxrgaze.kind = train`; one per training seed). "
+        "The headline is `test_auc_macro` with `test_auc_macro_ci95_low` / `_high` (percentile bootstrap); "
+        "`val_auc_macro` is the checkpoint-selection split.\n"
+        "- On the synthetic data, **validation carries the shortcut marker and test does not**: a high "
+        "validation AUC with a low test AUC means the model uses the shortcut.\n"
+        "- `tune-<variant>` runs hold the Optuna studies, their trials nested; the `report` run holds the "
+        "results tables (`results.md`) with the paired differences.\n"
+        "- Registered model `cxrgaze`, alias `champion`: promoted by validation macro AUC."),
+}
+"""Tags of the cxrgaze experiment: MLflow's UI opens a ``custom_model_development``
+experiment on its runs table (not the GenAI overview), and shows the note as its description."""
+
 EVALUATED_TAG = "cxrgaze.evaluated"
 """``true`` on a run that holds a finished evaluation and its servable model (the registry
 considers only these)."""
@@ -93,7 +110,11 @@ def set_experiment(name: str | None = None) -> str:
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
     try:
-        return mlflow.set_experiment(name).experiment_id
+        experiment = mlflow.set_experiment(name)
+        missing = {k: v for k, v in EXPERIMENT_TAGS.items() if k not in experiment.tags}
+        for key, value in missing.items():  # a description the user wrote is kept
+            MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+        return experiment.experiment_id
     except Exception as exc:  # noqa: BLE001 - any store failure is one user-facing reason
         raise TrackingError(f"MLflow tracking store {mlflow.get_tracking_uri()}: "
                             f"{reason(exc)}") from exc
@@ -228,7 +249,8 @@ class TrackingGuard:
 
 
 class EpochLogger:
-    """Training callback: logs each epoch's numeric record at ``step = epoch``.
+    """Training callback: logs each epoch's numeric record at ``step = epoch + 1``: steps are
+    1-based epoch numbers, as the console prints them (records count epochs from 0).
 
     Logs into ``run_id`` through the client (safe when several runs are active, as in an
     Optuna study), or into the active run when ``run_id`` is None. With a ``guard``, a
@@ -241,9 +263,9 @@ class EpochLogger:
         self.guard = guard
 
     def on_epoch_end(self, record: dict[str, Any]) -> None:
-        step = int(record.get("epoch", 0))
+        step = int(record.get("epoch", 0)) + 1
         if self.guard is not None:
-            self.guard.call(f"epoch {step + 1}", self._log, record, step)
+            self.guard.call(f"epoch {step}", self._log, record, step)
         else:
             self._log(record, step)
 

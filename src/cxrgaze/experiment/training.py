@@ -85,7 +85,7 @@ def train_tracked(
         _end_run(guard, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     guard.call("final metrics", mlflow.log_metrics,
-               {**{f"best_{k}": v for k, v in finite_metrics(result.best).items()}, "best_epoch": result.best_epoch})
+               {**{f"best_{k}": v for k, v in finite_metrics(result.best).items()}, "best_epoch": result.best_epoch + 1})  # 1-based
     guard.call("history.csv", mlflow.log_artifact, str(out_dir / "history.csv"))
     guard.call("checkpoint tag", mlflow.set_tags, {CHECKPOINT_TAG: file_digest(out_dir / "best.pt"),
                                                    "cxrgaze.kind": "train"})
@@ -121,7 +121,7 @@ def _replay_unlogged_epochs(run_id: str, last_pt: Path, logger: EpochLogger) -> 
     ``last.pt`` and logging that epoch resumes after it."""
     logged = {m.step for m in MlflowClient().get_metric_history(run_id, f"{EPOCH_PREFIX}val_auc_macro")}
     for record in load_checkpoint(last_pt)["history"]:
-        if int(record["epoch"]) not in logged:
+        if int(record["epoch"]) + 1 not in logged:  # steps are 1-based epoch numbers
             logger.on_epoch_end(record)
 
 

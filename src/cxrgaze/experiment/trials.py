@@ -4,10 +4,13 @@ The parent (``tune-<variant>``; its id is kept as a study user attribute by
 :mod:`cxrgaze.tune`, so that reruns and other workers nest under it) gets the storage, the
 search space and the budget as tags, and at the end the best value, ``best_<param>``, the
 trial counts and the Optuna figures. A trial's child run (``<variant>-trial-<n>``) gets the
-resolved training config as params, per-epoch metrics, ``best_val_selection``,
-``best_val_auc_macro``, ``best_val_outside_mass`` and ``best_epoch``, and its final state as
-tag ``optuna.trial.state``. Run status: COMPLETE -> FINISHED, PRUNED -> KILLED (stopped early
-on purpose), FAIL -> FAILED (tag ``cxrgaze.error`` says why).
+resolved training config as params, per-epoch metrics under the training runs' names
+(``epoch_val_auc_macro``, ``epoch_val_selection``, ``epoch_train_loss``...), the value Optuna
+maximised as ``objective`` (the best epoch's ``val_selection``) with ``best_val_selection``,
+``best_val_auc_macro``, ``best_val_outside_mass`` and ``best_epoch`` (1-based), and its final
+state as tag ``optuna.trial.state``. Run status: COMPLETE and PRUNED -> FINISHED (a pruned
+trial stopped early on purpose, tag ``cxrgaze.pruned`` says why; it did not fail), FAIL ->
+FAILED (tag ``cxrgaze.error`` says why), KILLED only for an interrupted worker.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, Mapping
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
+from cxrgaze.experiment.training import EPOCH_PREFIX
 from cxrgaze.tracking import EpochLogger, run_exists, run_tags, set_experiment
 
 
@@ -55,8 +59,9 @@ class StudyRuns:
 
     @staticmethod
     def epoch_logger(run_id: str) -> EpochLogger:
-        """The training callback that logs each epoch of the trial into its run."""
-        return EpochLogger(run_id)
+        """The training callback that logs each epoch of the trial into its run, under the
+        names training runs use (``epoch_val_auc_macro``, ``epoch_train_loss``...)."""
+        return EpochLogger(run_id, prefix=EPOCH_PREFIX)
 
     def end_trial(self, run_id: str, state: str, status: str, metrics: Mapping[str, float] | None = None,
                   tags: Mapping[str, str] | None = None) -> None:

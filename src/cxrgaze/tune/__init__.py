@@ -42,7 +42,8 @@ MLflow: one parent run per study (``tune-<variant>``, its id kept as a study use
 so that reruns and other workers nest under it) and one child run per trial
 (``<variant>-trial-<n>``) with the resolved config as params, per-epoch metrics, and the
 trial's final state as tag ``optuna.trial.state``. Run status: COMPLETE -> FINISHED,
-PRUNED -> KILLED (stopped early on purpose), FAIL -> FAILED (tag ``cxrgaze.error`` says why).
+PRUNED -> FINISHED (stopped early on purpose: tag ``cxrgaze.pruned`` says why), FAIL -> FAILED
+(tag ``cxrgaze.error`` says why); see :mod:`cxrgaze.experiment.trials`.
 The parent gets ``best_value``, ``best_<param>``, the trial counts, and the figures
 ``optimization_history.png`` and ``param_importances.png``.
 

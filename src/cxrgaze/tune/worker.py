@@ -160,14 +160,14 @@ class _Worker:
             value = float(result.best.get("val_selection", math.nan))
             if math.isfinite(value):
                 state, status = TrialState.COMPLETE, "FINISHED"
-                metrics = {f"best_{key}": float(result.best.get(key, math.nan))
-                           for key in ("val_selection", "val_auc_macro", "val_outside_mass")}
-                metrics["best_epoch"] = result.best_epoch
+                metrics = {"objective": value, **{f"best_{key}": float(result.best.get(key, math.nan))
+                                                  for key in ("val_selection", "val_auc_macro", "val_outside_mass")}}
+                metrics["best_epoch"] = result.best_epoch + 1  # 1-based, as the console says
             else:
                 tags["cxrgaze.error"] = "validation selection score is not finite"
             return value
         except optuna.TrialPruned as exc:
-            state, status = TrialState.PRUNED, "KILLED"
+            state, status = TrialState.PRUNED, "FINISHED"  # stopped on purpose: not a failure
             tags["cxrgaze.pruned"] = str(exc)
             raise
         except BaseException as exc:
