@@ -211,3 +211,22 @@ def test_a_gate_of_nulls_is_no_gate(mlflow_store):
     assert not decision.refused
     tags = MlflowClient().get_model_version("cxrgaze", decision.versions["unet"]).tags
     assert tags["cxrgaze.gate"] == "no gate"
+
+
+def test_the_registry_pages_say_the_rule_the_decision_and_the_test_numbers(mlflow_store):
+    """The registered model's description states the promotion rule; each version's says
+    what was decided, its validation and test macro AUC with the CI, and, where the data
+    has a known shortcut marker, warns that validation rewards it."""
+    shortcut = {"test_auc_macro": 0.628, "test_auc_macro_ci95_low": 0.57, "test_auc_macro_ci95_high": 0.69,
+                "test_sal_generator_marker_mass": 0.31}
+    clean = {"test_auc_macro": 0.81, "test_auc_macro_ci95_low": 0.75, "test_auc_macro_ci95_high": 0.86}
+    cands = [candidate("unet", 0.99, evidence=shortcut), candidate("baseline", 0.90, evidence=clean)]
+    decision = register_and_promote(cands, "data-a", "val-1", never, RegisterConfig(min_delta=0.005))
+    client = MlflowClient()
+    rule = client.get_registered_model("cxrgaze").description
+    assert "`champion`" in rule and "`val_auc_macro`" in rule and "0.005" in rule
+    champ = client.get_model_version("cxrgaze", decision.versions["unet"]).description
+    assert "first champion" in champ and "0.990" in champ and "0.628 [0.570, 0.690]" in champ
+    assert "Known shortcut" in champ and "0.310" in champ
+    other = client.get_model_version("cxrgaze", decision.versions["baseline"]).description
+    assert "not the best candidate" in other and "0.810 [0.750, 0.860]" in other and "Known shortcut" not in other

@@ -214,3 +214,28 @@ def test_write_histories_gathers_every_seed_for_dvc_plots(tmp_path):
     assert sorted(p.name for p in (tmp_path / "history").iterdir()) == ["unet.csv"]
     with pytest.raises(FileNotFoundError, match="train@set1-gbp"):
         write_histories(tmp_path / "train", ["set1-gbp"], tmp_path / "history")
+
+
+def test_the_report_run_carries_the_headline_and_says_where_the_tables_are(mlflow_store, tmp_path):
+    """The ``report`` run has every variant's headline numbers as metrics and in its
+    description (what the MLflow UI shows first), and ``results.md`` as an artifact."""
+    from mlflow.tracking import MlflowClient
+
+    from cxrgaze.experiment.report import log_report
+    from cxrgaze.report import Report
+
+    metrics = {"unet": {"test_auc_macro": 0.786, "test_auc_macro_ci95_low": 0.734, "test_auc_macro_ci95_high": 0.838,
+                        "val_auc_macro": 0.984, "test_sal_generator_cc": 0.12},
+               "set3-gbp": {"test_auc_macro": 0.774, "test_auc_macro_ci95_low": 0.719,
+                            "test_auc_macro_ci95_high": 0.830, "val_auc_macro": 0.986}}
+    results = tmp_path / "results.md"
+    results.write_text("# Results\n")
+    run_id = log_report(Report(variants=list(metrics), metrics=metrics), tmp_path / "eval", {"results": results})
+    run = MlflowClient().get_run(run_id)
+    assert run.info.run_name == "report" and run.data.tags["cxrgaze.kind"] == "report"
+    assert run.data.metrics["unet.test_auc_macro"] == pytest.approx(0.786)
+    assert run.data.metrics["set3-gbp.test_auc_macro_ci95_high"] == pytest.approx(0.830)
+    description = run.data.tags["mlflow.note.content"]
+    assert "| unet | 0.786 [0.734, 0.838] | 0.984 | 0.120 |" in description
+    assert "| set3-gbp | 0.774 [0.719, 0.830] | 0.986 | n/a |" in description and "`results.md`" in description
+    assert "results.md" in {a.path for a in MlflowClient().list_artifacts(run_id)}

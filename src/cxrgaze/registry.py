@@ -13,7 +13,10 @@ Rules (:func:`register_and_promote`):
   validation set; when the data changed, the champion is first re-evaluated on the new
   validation cases (through its own served preprocessing) and that score is used.
 * The decision and its reason are written on the candidate versions as tags
-  (``cxrgaze.decision``); running it again with nothing new moves nothing.
+  (``cxrgaze.decision``) and in each version's description, with its validation and test
+  numbers and, on data with a known shortcut, how to read them (:func:`version_description`);
+  the registered model's description states this rule (:func:`promotion_rule`). Running it
+  again with nothing new moves nothing.
 * Explanation evidence: every version carries, as tags, its generator map's agreement
   with the gaze on *validation* (``cxrgaze.evidence.val_gaze_cc``, the metric
   ``val_sal_generator_cc``) and whether the generator passed the sanity checks on
@@ -139,10 +142,11 @@ def register_and_promote(
     cfg = config or RegisterConfig()
     client = MlflowClient()
     try:
-        client.create_registered_model(cfg.model_name, description="cxrgaze chest X-ray classifiers")
+        client.create_registered_model(cfg.model_name)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+    client.update_registered_model(cfg.model_name, description=promotion_rule(cfg))
     decision = Decision(champion_version=None, promoted=False, reason="")
     scored: list[tuple[float, ModelVersion, str]] = []
     for cand in candidates:
@@ -171,7 +175,41 @@ def register_and_promote(
         note = decision.reason if version.version == best.version else (
             f"not the best candidate of this run ({best_variant} v{best.version}); {decision.reason}")
         client.set_model_version_tag(cfg.model_name, version.version, "cxrgaze.decision", note[:5000])
+        client.update_model_version(cfg.model_name, version.version,
+                                    description=version_description(variant, note, client.get_run(version.run_id), cfg))
     return decision
+
+
+def promotion_rule(cfg: RegisterConfig) -> str:
+    """The registered model's description: what the versions are and how ``champion`` moves."""
+    gate = ", ".join(f"{k} = {v}" for k, v in cfg.gate.items()) or "none"
+    return (f"cxrgaze chest X-ray classifiers (Normal / CHF / pneumonia), one version per evaluated training run.\n\n"
+            f"**Promotion rule.** The alias `{cfg.alias}` goes to the candidate with the highest `{cfg.metric}` "
+            f"(validation split; test data never steers promotion), only when it beats the current "
+            f"`{cfg.alias}` by more than {cfg.min_delta} on the same data and validation cases (when the data "
+            f"changed, the `{cfg.alias}` is re-scored on the new validation cases first). Explanation gate: "
+            f"{gate}. Each version's description says what was decided and how it did on test.")
+
+
+def version_description(label: str, decision: str, run: Any, cfg: RegisterConfig) -> str:
+    """A version's description: the decision, its validation and test numbers and, on data
+    with a known shortcut (a marker box, as in the synthetic data), how to read them."""
+    m = run.data.metrics
+
+    def num(key: str) -> str:
+        return f"{m[key]:.3f}" if key in m and math.isfinite(m[key]) else "n/a"
+
+    text = (f"**{label}** (run `{run.info.run_id}`). Decision: {decision}.\n\n"
+            f"Validation macro AUC {num('val_auc_macro')} (promotion metric `{cfg.metric}` {num(cfg.metric)}); "
+            f"test macro AUC {num('test_auc_macro')} [{num('test_auc_macro_ci95_low')}, "
+            f"{num('test_auc_macro_ci95_high')}] (95 % percentile bootstrap).")
+    marker = [k for k in m if k.startswith("test_sal_") and k.endswith("_marker_mass") and math.isfinite(m[k])]
+    if marker:
+        text += ("\n\n**Known shortcut.** This data carries a burned-in marker that agrees with the label on the "
+                 "training and validation images and is random on test: a validation AUC well above the test AUC "
+                 f"means the model uses the marker (its generator map puts {num('test_sal_generator_marker_mass')} "
+                 "of its mass on it on test). Judge it by the test AUC.")
+    return text[:5000]
 
 
 def _register_candidate(client: MlflowClient, cfg: RegisterConfig, cand: Candidate, data_version: str,

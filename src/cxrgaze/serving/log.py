@@ -67,9 +67,10 @@ def example_dicom(side: int = 128) -> bytes:
                   study_id="1", sex="O", study_date="20000101", spacing_mm=0.7, burned_in=False, shape=(side, side))
 
 
-def log_model(checkpoint: Path, data_config: DataConfig, input_example: bytes | None = None, name: str = "model",
+def log_model(checkpoint: Path, data_config: DataConfig, input_example: bytes | None = None, name: str | None = None,
               limits: Limits = Limits()) -> ModelInfo:
-    """Log the served model of ``checkpoint`` into the active MLflow run; register ``.model_uri``.
+    """Log the served model of ``checkpoint`` into the active MLflow run, named ``name``
+    (default: the checkpoint's variant); register ``.model_uri``.
 
     ``data_config`` must be the one ``prepare`` used for the training arrays (it drives the
     served preprocessing); ``input_example`` is the bytes of a DICOM logged base64 as the
@@ -79,7 +80,8 @@ def log_model(checkpoint: Path, data_config: DataConfig, input_example: bytes | 
     """
     input_example = example_dicom() if input_example is None else input_example
 
-    has_decoder = checkpoint_variant(load_checkpoint(checkpoint)).has_decoder
+    variant = checkpoint_variant(load_checkpoint(checkpoint))
+    has_decoder, name = variant.has_decoder, name or variant.name
     example = pd.DataFrame({INPUT_COLUMN: [base64.b64encode(input_example).decode("ascii")]})
     with tempfile.TemporaryDirectory(prefix="cxrgaze-serving-") as tmp:
         config = write_config(Path(tmp) / "serving_config.json", data_config, CLASSES, limits)
