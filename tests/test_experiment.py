@@ -74,6 +74,13 @@ def test_training_and_evaluation_land_in_one_run(tiny_prepared, mlflow_store, tm
     evaluation_files = {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert {"evaluation/scores.npz", "evaluation/sanity.json", "evaluation/saliency.csv"} <= evaluation_files
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["variant"] == "unet"
+    # The run's page says what it is and its headline; the logged model is named after the variant.
+    description = run.data.tags["mlflow.note.content"]
+    assert description.startswith("**unet**: U-Net whose decoder mask is supervised by the gaze")
+    assert (f"Test macro AUC **{m['test_auc_macro']:.3f}** [{m['test_auc_macro_ci95_low']:.3f}, "
+            f"{m['test_auc_macro_ci95_high']:.3f}]") in description
+    assert f"kept epoch {result.best_epoch + 1}." in description and model_uri in description
+    assert mlflow.get_logged_model(model_uri.split("/")[-1]).name == "unet"
 
     # The input example inside the model artifact is the purpose-made synthetic DICOM, not a
     # file of the user's data (patient data must not travel inside a model).

@@ -70,6 +70,19 @@ class Variant:
     rule: str | None
 
     @property
+    def description(self) -> str:
+        """What the variant trains, in words (run descriptions, the registry)."""
+        rule = {"grad": "plain-gradient", "gbp": "guided-backprop", "deconv": "DeconvNet"}.get(self.rule or "", "")
+        return {
+            "baseline": "EfficientNet encoder and classification head; classification loss only",
+            "unet": "U-Net whose decoder mask is supervised by the gaze",
+            "set1": f"U-Net whose {rule} heatmap is supervised by the gaze (set 1)",
+            "set2": f"U-Net whose decoder mask is supervised by its {rule} heatmap (set 2)",
+            "set3": f"U-Net whose decoder mask and {rule} heatmap are both supervised by the gaze (set 3, mix alpha)",
+            "rrr": f"classifier whose {rule} attributions outside the gaze are penalised (right for the right reasons)",
+        }[self.objective]
+
+    @property
     def has_decoder(self) -> bool:
         """Whether the model is a U-Net; ``baseline`` and ``rrr`` are encoder + head."""
         return self.objective not in ("baseline", "rrr")

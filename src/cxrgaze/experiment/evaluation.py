@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -82,8 +83,31 @@ def _log_evaluation(run_id: str, train_dir: Path, out_dir: Path, figures: list[P
         if params:
             mlflow.log_params(params)
         mlflow.set_tags({**(tags or {}), EVALUATED_TAG: "true", "cxrgaze.model_uri": info.model_uri,
-                         EVALUATION_TAG: file_digest(out_dir / "metrics.json")})
+                         EVALUATION_TAG: file_digest(out_dir / "metrics.json"),
+                         "mlflow.note.content": run_description(train_dir / "best.pt", metrics, info.model_uri)})
     return info.model_uri
+
+
+def run_description(checkpoint: Path, metrics: dict[str, float | None], model_uri: str) -> str:
+    """An evaluated run's description (what the MLflow UI shows on the run's page): the
+    variant, its headline numbers and where the rest is."""
+    ckpt = load_checkpoint(checkpoint)
+    variant = checkpoint_variant(ckpt)
+
+    def num(key: str) -> str:
+        value = metrics.get(key)
+        return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+    return (f"**{variant.name}**: {variant.description} (training seed {ckpt['config']['train']['seed']}).\n\n"
+            f"- Test macro AUC **{num('test_auc_macro')}** [{num('test_auc_macro_ci95_low')}, "
+            f"{num('test_auc_macro_ci95_high')}] (95 % percentile bootstrap); validation macro AUC "
+            f"{num('val_auc_macro')} at the kept epoch {int(ckpt['epoch']) + 1}.\n"
+            f"- Generator map vs gaze on test: CC {num('test_sal_generator_cc')}; share of its mass on the "
+            f"finding boxes {num('test_sal_generator_finding_mass')}, on the shortcut marker "
+            f"{num('test_sal_generator_marker_mass')}.\n"
+            f"- Figures (heatmap panel, ROC, reliability, training curves) under `figures/`, the evaluation's "
+            f"files under `evaluation/`, the servable model `{model_uri}`; the comparison with the other "
+            f"variants is in the `report` run.")
 
 
 def log_restored_evaluation(train_dir: str | Path, eval_dir: str | Path, figures_dir: str | Path,
