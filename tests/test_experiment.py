@@ -45,6 +45,7 @@ def test_training_and_evaluation_land_in_one_run(tiny_prepared, mlflow_store, tm
     assert client.get_experiment(run.info.experiment_id).name == "cxrgaze"
     assert run.data.params["model.encoder"] == "tu-tinynet_e"
     assert run.data.params["loss.gamma"] == str(config.loss.gamma)
+    assert "loss.alpha" not in run.data.params and "loss.rrr_weight" not in run.data.params  # weights unet lacks
     assert run.data.params["data.image_size"] == "32"
     assert run.data.tags["cxrgaze.variant"] == "unet" and run.data.tags["cxrgaze.device"] == "cpu"
     assert run.data.tags["cxrgaze.version.torch"]

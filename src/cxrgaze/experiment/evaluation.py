@@ -30,7 +30,7 @@ from cxrgaze.config import EvalConfig, RegisterConfig, from_mapping
 from cxrgaze.data.prepared import PreparedDir
 from cxrgaze.data.split import read_split
 from cxrgaze.evaluate import EvalResult, evaluate
-from cxrgaze.experiment.training import EPOCH_PREFIX, data_params, prepared_data_config
+from cxrgaze.experiment.training import EPOCH_PREFIX, data_params, prepared_data_config, run_params
 from cxrgaze.registry import Candidate, register_and_promote, val_auc_of_model, validation_set_id
 from cxrgaze.serving.log import log_model
 from cxrgaze.tracking import (CHECKPOINT_TAG, EVALUATED_TAG, EVALUATION_TAG, RUN_FILE, EpochLogger, TrackingError,
@@ -151,7 +151,7 @@ def _run_for(train_dir: Path, prepared_dir: Path) -> str:
     with mlflow.start_run(run_name=variant) as run:
         mlflow.set_tags({**run_tags(variant, "unknown"), CHECKPOINT_TAG: checkpoint, "cxrgaze.kind": "evaluation",
                          **({TRAINED_IN_TAG: trained_in} if trained_in else {})})
-        mlflow.log_params(flatten(ckpt["config"]))
+        mlflow.log_params(run_params(ckpt["config"]))
         mlflow.log_params(flatten({"data": data_params(prepared_dir)}))
         history = train_dir / "history.csv"
         if history.exists():

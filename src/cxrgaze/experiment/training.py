@@ -23,6 +23,7 @@ from cxrgaze.runtime import resolve_device
 from cxrgaze.tracking import (CHECKPOINT_TAG, RUN_FILE, EpochLogger, TrackingGuard, file_digest, finite_metrics,
                               flatten, read_run_file, run_exists, run_tags, set_experiment, write_run_file)
 from cxrgaze.train import TrainResult, train
+from cxrgaze.variants import parse_variant
 
 EPOCH_PREFIX = "epoch_"
 """Per-epoch metrics are ``epoch_val_auc_macro``, ``epoch_train_loss``...: the evaluation's
@@ -33,6 +34,18 @@ def prepared_data_config(prepared_dir: str | Path) -> DataConfig:
     """The DataConfig that produced a prepared folder (from its ``meta.json``)."""
     folder = PreparedDir(prepared_dir)
     return from_mapping(DataConfig, folder.meta().get("config") or {}, where=str(folder.meta_path))
+
+
+LOSS_WEIGHTS = ("gamma", "alpha", "mass_weight", "outside_weight", "rrr_weight")
+"""The loss weights a variant may or may not have (:attr:`cxrgaze.variants.Variant.loss_weights`)."""
+
+
+def run_params(config: dict[str, Any]) -> dict[str, str]:
+    """A run config (``RunConfig.as_dict()``) as MLflow params, without the loss weights the
+    variant's objective does not have (no ``loss.alpha`` where there is no set-3 mix)."""
+    used = set(parse_variant(config["train"]["variant"]).loss_weights)
+    return {k: v for k, v in flatten(config).items()
+            if not (k.startswith("loss.") and k[len("loss."):] in LOSS_WEIGHTS and k[len("loss."):] not in used)}
 
 
 def data_params(prepared_dir: str | Path) -> dict[str, Any]:
@@ -73,7 +86,7 @@ def train_tracked(
     if run_id is None:
         guard.call("run tags", mlflow.set_tags, run_tags(variant, str(device)))
         guard.call("run params", mlflow.log_params,
-                   {**flatten(config.as_dict()), **flatten({"data": data_params(prepared_dir)})})
+                   {**run_params(config.as_dict()), **flatten({"data": data_params(prepared_dir)})})
     write_run_file(out_dir, run_id=run.info.run_id, variant=variant)
     logger = EpochLogger(prefix=EPOCH_PREFIX, guard=guard)
     if run_id is not None:

@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 
 from cxrgaze.config import SPACE_TARGETS, ConfigError, TuneConfig, resolve_run_config, storage_kind, variant_space
 from cxrgaze.errors import reason
+from cxrgaze.experiment.training import run_params
 from cxrgaze.experiment.trials import StudyRuns
 from cxrgaze.runtime import resolve_device
 from cxrgaze.tracking import flatten
@@ -151,7 +152,7 @@ class _Worker:
         config = resolve_run_config(merge_overrides(self.params, overrides, self.variant), self.variant)
         run_id = self.runs.start_trial(self.parent_run_id, trial.number)
         trial.set_user_attr(TRIAL_RUN_ATTR, run_id)
-        self.runs.log_params(run_id, flatten(config.as_dict()))
+        self.runs.log_params(run_id, run_params(config.as_dict()))
         state, status, metrics, tags = TrialState.FAIL, "FAILED", {}, {}
         try:
             with tempfile.TemporaryDirectory(prefix=f"cxrgaze-tune-{self.variant}-{trial.number}-") as out:
