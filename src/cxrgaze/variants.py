@@ -74,7 +74,7 @@ class Variant:
         """What the variant trains, in words (run descriptions, the registry)."""
         rule = {"grad": "plain-gradient", "gbp": "guided-backprop", "deconv": "DeconvNet"}.get(self.rule or "", "")
         return {
-            "baseline": "EfficientNet encoder and classification head; classification loss only",
+            "baseline": "encoder and classification head (no decoder); classification loss only",
             "unet": "U-Net whose decoder mask is supervised by the gaze",
             "set1": f"U-Net whose {rule} heatmap is supervised by the gaze (set 1)",
             "set2": f"U-Net whose decoder mask is supervised by its {rule} heatmap (set 2)",
