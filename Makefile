@@ -9,15 +9,26 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-all data bench clean-outputs
+.PHONY: install demo test test-all data bench clean-outputs plots-offline
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock plots/package-lock.json plots/build_template.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip==26.3
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[test]'
+	$(MAKE) --no-print-directory plots-offline
 	touch $(STAMP)
+
+# `dvc plots show` without internet: the vega libraries from npm (pinned in
+# plots/package-lock.json) inline in a local page, which .dvc/config.local points DVC at.
+# Without npm, DVC's default page (which loads vega from a CDN) stays.
+plots-offline:
+	@if command -v npm >/dev/null 2>&1 && npm ci --prefix plots --silent --no-audit --no-fund && \
+		$(BIN)/python plots/build_template.py && \
+		$(BIN)/dvc config --local plots.html_template ../plots/offline.html; then :; else \
+		echo "NOTE: could not build plots/offline.html (needs npm): \`dvc plots show\` will load its plotting library from a CDN"; \
+	fi
 
 # The raw data: synthetic by default. A folder you put in data/ yourself is left alone.
 data: $(STAMP)
