@@ -19,6 +19,8 @@ from cxrgaze import DATA_VERSION_ENV
 
 PARAMS = "params.yaml"
 """The pipeline's parameters."""
+MLFLOW_DB = "mlflow.db"
+"""The default MLflow tracking store (SQLite; artifacts in ``mlruns/``)."""
 DICOM_DIR = "data/mimic-cxr"
 """The MIMIC-CXR root (DICOM files)."""
 PREPARED = "outputs/prepared"

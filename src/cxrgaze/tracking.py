@@ -67,8 +67,10 @@ EXPERIMENT_TAGS = {
         "results tables (`results.md`) with the paired differences.\n"
         "- Registered model `cxrgaze`, alias `champion`: promoted by validation macro AUC."),
 }
-"""Tags of the cxrgaze experiment: MLflow's UI opens a ``custom_model_development``
-experiment on its runs table (not the GenAI overview), and shows the note as its description."""
+"""Tags of the cxrgaze experiment: its kind (model development, not GenAI) and the note the
+UI shows as its description. MLflow 3.17's UI picks its GenAI or model-training view from a
+toggle it remembers per browser; a link with ``?workflowType=machine_learning`` opens the
+runs table (``cxrgaze summary`` prints one)."""
 
 EVALUATED_TAG = "cxrgaze.evaluated"
 """``true`` on a run that holds a finished evaluation and its servable model (the registry

@@ -6,13 +6,16 @@ Reads only stage outputs, found where the pipeline's layout puts them
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 from pathlib import Path
 
 import pandas as pd
 
 from cxrgaze import CLASSES
-from cxrgaze.layout import PREPARED, REGISTER_JSON, RESULTS_MD, SPLIT, TRAIN_ROOT
+from cxrgaze.layout import MLFLOW_DB, PREPARED, REGISTER_JSON, RESULTS_MD, SPLIT, TRAIN_ROOT
+from cxrgaze.tracking import experiment_name
 from cxrgaze.variants import VARIANTS
 
 
@@ -54,9 +57,27 @@ def print_summary(root: Path = Path(".")) -> None:
     _print_training(root / TRAIN_ROOT)
     _print_results(root / RESULTS_MD, root / REGISTER_JSON)
     print("\nBrowse the runs, figures and registered models in MLflow:\n"
-          "  .venv/bin/mlflow ui --host 127.0.0.1 --port 5000    # then open http://127.0.0.1:5000\n"
+          "  .venv/bin/mlflow ui --host 127.0.0.1 --port 5000\n"
+          f"  then open {mlflow_ui_link(root / MLFLOW_DB)}\n"
           "Compare stages and parameters with DVC:\n"
           "  .venv/bin/dvc metrics show | .venv/bin/dvc plots show | .venv/bin/dvc params diff")
+
+
+def mlflow_ui_link(store: Path, base: str = "http://127.0.0.1:5000") -> str:
+    """The link that opens the cxrgaze experiment's runs table in MLflow's UI: MLflow 3 opens
+    on its GenAI view unless the link asks for ``workflowType=machine_learning`` (the UI
+    remembers the choice per browser)."""
+    experiment = None
+    if store.is_file():
+        with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as db:
+            try:
+                row = db.execute("SELECT experiment_id FROM experiments WHERE name = ?",
+                                 (experiment_name(),)).fetchone()
+            except sqlite3.Error:
+                row = None
+        experiment = row[0] if row else None
+    page = f"#/experiments/{experiment}" if experiment is not None else "#/experiments"
+    return f"{base}/{page}?workflowType=machine_learning"
 
 
 def _print_results(results_md: Path, register_json: Path) -> None:
