@@ -9,7 +9,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test test-all data bench clean-outputs plots-offline
+.PHONY: install demo test test-all data bench clean-outputs plots-offline browser
 
 install: $(STAMP)
 
@@ -45,9 +45,15 @@ demo: data
 test: $(STAMP)
 	$(BIN)/pytest
 
-# Everything, including the slow end-to-end tests.
-test-all: $(STAMP)
+# Everything, including the slow end-to-end tests (the screenshot test drives Debian's
+# headless Chromium: installed here when missing and this user may).
+test-all: $(STAMP) browser
 	$(BIN)/pytest -m "not gpu"
+
+browser:
+	@command -v chromium >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "NOTE: no chromium (apt-get install chromium): the screenshot test will fail"
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_prepare.py

@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from conftest import run, tiny_pipeline_project
+from conftest import ROOT, run, tiny_pipeline_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -101,6 +101,22 @@ def test_champion_is_served_by_alias(repo):
     assert out["scoring"].iloc[0] == "sigmoid"  # loss.cls_loss: bce -> a sigmoid per class
     assert out["label"].iloc[0] == ("Normal", "CHF", "pneumonia")[scores.argmax()]
     assert ((0 < scores) & (scores < 1)).all()
+
+
+def test_the_mlflow_and_optuna_pages_tell_the_story_in_a_real_browser(repo, tmp_path):
+    """docs/screenshots.py, as the README's images were made: real `mlflow ui` and
+    `optuna-dashboard` servers over the pipeline's stores, headless Chromium; every page must
+    render its text (the runs table, the champion's run with its test AUC, its heatmap
+    panel, the registry with the `champion` alias and the promotion rule, the study)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "docs" / "screenshots.py"), "--root", str(repo),
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "mlflow-champion-run.png", "mlflow-heatmaps.png", "mlflow-registry.png", "mlflow-runs.png",
+        "optuna-dashboard.png"]
 
 
 def test_a_forced_rerun_reproduces_every_output_and_leaves_git_clean(repo):
