@@ -3,7 +3,7 @@ the real servers, each page checked for the text it must show.
 
 Pages: MLflow's runs table of the experiment, the champion's run (its description: the
 headline), the champion's heatmap panel, the registered model with its ``champion`` alias,
-and optuna-dashboard's study list. ``mlflow ui`` and ``optuna-dashboard`` are started on free
+and optuna-dashboard's page of the first study (set 3's alpha). ``mlflow ui`` and ``optuna-dashboard`` are started on free
 loopback ports over the project's ``mlflow.db`` and ``optuna.db`` and stopped at the end.
 
 Usage (after ``make demo``; Chromium from Debian's ``chromium`` package)::
@@ -107,7 +107,7 @@ def pages(mlflow_url: str, optuna_url: str, champ: dict[str, str]) -> list[tuple
         ("mlflow-heatmaps.png", f"{run}/artifacts/figures/heatmaps.png{ML_VIEW}", ["figures/heatmaps.png"]),
         ("mlflow-registry.png", f"{mlflow_url}/#/models/cxrgaze{ML_VIEW}",
          ["champion", f"Version {champ['version']}", "Promotion rule"]),
-        ("optuna-dashboard.png", f"{optuna_url}/dashboard", ["cxrgaze-set3-gbp"]),
+        ("optuna-dashboard.png", f"{optuna_url}/dashboard/studies/1", ["cxrgaze-set3-gbp", "History"]),
     ]
 
 

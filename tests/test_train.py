@@ -182,7 +182,7 @@ def test_kill_during_training_then_resume_gives_the_uninterrupted_result(tiny_pr
         assert db.execute("SELECT status FROM runs WHERE run_uuid = ?", (killed_run,)).fetchone() == ("FINISHED",)
         steps = db.execute("SELECT step FROM metrics WHERE run_uuid = ? AND key = 'epoch_val_auc_macro' ORDER BY step",
                            (killed_run,)).fetchall()
-    assert [s for (s,) in steps] == [0, 1, 2, 3]
+    assert [s for (s,) in steps] == [1, 2, 3, 4]  # 1-based epochs, each once (the killed epoch replayed, not doubled)
 
 
 class Interrupted(Exception):

@@ -63,9 +63,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def config_variant(config: dict[str, Any]) -> Variant:
+    """The :class:`~cxrgaze.variants.Variant` of a run config as checkpoints and MLflow runs
+    carry it (:meth:`cxrgaze.config.RunConfig.as_dict`)."""
+    return parse_variant(config["train"]["variant"])
+
+
 def checkpoint_variant(ckpt: dict[str, Any]) -> Variant:
     """The :class:`~cxrgaze.variants.Variant` a loaded checkpoint was trained as."""
-    return parse_variant(ckpt["config"]["train"]["variant"])
+    return config_variant(ckpt["config"])
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], where: str | Path = "checkpoint") -> GazeNet:

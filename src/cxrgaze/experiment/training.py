@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from cxrgaze.checkpoint import load_checkpoint
+from cxrgaze.checkpoint import config_variant, load_checkpoint
 from cxrgaze.config import DataConfig, RunConfig, from_mapping
 from cxrgaze.data.prepared import PreparedDir
 from cxrgaze.distributed import context_from_env
@@ -23,7 +23,6 @@ from cxrgaze.runtime import resolve_device
 from cxrgaze.tracking import (CHECKPOINT_TAG, RUN_FILE, EpochLogger, TrackingGuard, file_digest, finite_metrics,
                               flatten, read_run_file, run_exists, run_tags, set_experiment, write_run_file)
 from cxrgaze.train import TrainResult, train
-from cxrgaze.variants import parse_variant
 
 EPOCH_PREFIX = "epoch_"
 """Per-epoch metrics are ``epoch_val_auc_macro``, ``epoch_train_loss``...: the evaluation's
@@ -43,7 +42,7 @@ LOSS_WEIGHTS = ("gamma", "alpha", "mass_weight", "outside_weight", "rrr_weight")
 def run_params(config: dict[str, Any]) -> dict[str, str]:
     """A run config (``RunConfig.as_dict()``) as MLflow params, without the loss weights the
     variant's objective does not have (no ``loss.alpha`` where there is no set-3 mix)."""
-    used = set(parse_variant(config["train"]["variant"]).loss_weights)
+    used = set(config_variant(config).loss_weights)
     return {k: v for k, v in flatten(config).items()
             if not (k.startswith("loss.") and k[len("loss."):] in LOSS_WEIGHTS and k[len("loss."):] not in used)}
 
