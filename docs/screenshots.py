@@ -87,10 +87,15 @@ def screenshot(chromium: str, url: str, png: Path) -> None:
 
 def champion(root: Path) -> dict[str, str]:
     """The champion's version, run, variant and test macro AUC (as its description prints it)."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    version = client.get_model_version_by_alias("cxrgaze", "champion")
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    try:
+        version = client.get_model_version_by_alias("cxrgaze", "champion")
+    except MlflowException as exc:
+        raise SystemExit(f"screenshots: {store}: no `champion` ({exc.message.splitlines()[0]}); run `make demo` first")
     run = client.get_run(version.run_id)
     return {"version": str(version.version), "run_id": run.info.run_id, "experiment": run.info.experiment_id,
             "variant": run.data.tags["cxrgaze.variant"], "test_auc": f"{run.data.metrics['test_auc_macro']:.3f}"}

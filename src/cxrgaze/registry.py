@@ -182,7 +182,8 @@ def register_and_promote(
 
 def promotion_rule(cfg: RegisterConfig) -> str:
     """The registered model's description: what the versions are and how ``champion`` moves."""
-    gate = ", ".join(f"{k} = {v}" for k, v in cfg.gate.items()) or "none"
+    gate = (", ".join(f"{k} = {v}" for k, v in cfg.gate.items() if v not in (None, False))
+            if gate_active(cfg.gate) else "none")
     return (f"cxrgaze chest X-ray classifiers (Normal / CHF / pneumonia), one version per evaluated training run.\n\n"
             f"**Promotion rule.** The alias `{cfg.alias}` goes to the candidate with the highest `{cfg.metric}` "
             f"(validation split; test data never steers promotion), only when it beats the current "
