@@ -45,13 +45,12 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _dicoms import radiograph, write_dicom  # noqa: E402
 
-from cxrgaze.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
+from cxrgaze.checkpoint import save_checkpoint  # noqa: E402
+from cxrgaze.config import DataConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from cxrgaze.models import build_model  # noqa: E402
 from cxrgaze.serving.log import log_model  # noqa: E402
 from cxrgaze.serving.preprocess import preprocess  # noqa: E402
 from cxrgaze.serving.serve import serve_command, serve_env  # noqa: E402
-from cxrgaze.checkpoint import CHECKPOINT_FORMAT  # noqa: E402
-from cxrgaze.config import RunConfig
 
 SYNTAXES = {"explicit": ExplicitVRLittleEndian, "j2k": JPEG2000Lossless}
 
@@ -83,8 +82,8 @@ def free_port() -> int:
 def register(root: Path, model: torch.nn.Module, run_config: RunConfig, data_config: DataConfig, example: bytes) -> str:
     """Log and register the model in a SQLite store under ``root``; returns the tracking URI."""
     checkpoint = root / "best.pt"
-    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": run_config.as_dict(),
-                "epoch": 0, "metrics": {}}, checkpoint)
+    save_checkpoint({"model": model.state_dict(), "config": run_config.as_dict(), "epoch": 0, "metrics": {}},
+                    checkpoint)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("bench-serving", artifact_location=str(root / "artifacts"))
