@@ -1,7 +1,8 @@
 """Screenshots of what a user sees after ``make demo``, taken with headless Chromium against
 the real servers, each page checked for the text it must show.
 
-Pages: MLflow's runs table of the experiment, the champion's run (its description: the
+Pages: MLflow's results view (the evaluated models with their headline metrics), the
+runs table of the experiment (its description links to that view), the champion's run (its description: the
 headline), the champion's heatmap panel, the registered model with its ``champion`` alias,
 and optuna-dashboard's page of the first study (set 3's alpha). ``mlflow ui`` and ``optuna-dashboard`` are started on free
 loopback ports over the project's ``mlflow.db`` and ``optuna.db`` and stopped at the end.
@@ -29,6 +30,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Iterator
+
+from cxrgaze.mlflow_ui import results_link
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -105,8 +108,10 @@ def pages(mlflow_url: str, optuna_url: str, champ: dict[str, str]) -> list[tuple
     """(file name, URL, texts the page must show)."""
     run = f"{mlflow_url}/#/experiments/{champ['experiment']}/runs/{champ['run_id']}"
     return [
-        ("mlflow-runs.png", f"{mlflow_url}/#/experiments/{champ['experiment']}{ML_VIEW}",
-         ["Runs", "report", champ["variant"]]),
+        ("mlflow-results-view.png", results_link(champ["experiment"], f"{mlflow_url}/"),
+         ["shared view", "test_auc_macro_ci95_low", f"{champ['variant']} evaluation", champ["test_auc"]]),
+        ("mlflow-runs.png", f"{mlflow_url}/#/experiments/{champ['experiment']}/runs{ML_VIEW}",
+         ["Results view", "report", champ["variant"]]),
         ("mlflow-champion-run.png", f"{run}{ML_VIEW}",
          [champ["variant"], "Test macro AUC", champ["test_auc"]]),
         ("mlflow-heatmaps.png", f"{run}/artifacts/figures/heatmaps.png{ML_VIEW}", ["figures/heatmaps.png"]),

@@ -197,9 +197,9 @@ def test_train_seed_flag_replaces_the_seeds_list(tiny_prepared, tmp_path, capsys
     assert load_checkpoint(tmp_path / "out" / "best.pt")["config"]["train"]["seed"] == 7
 
 
-def test_the_summary_links_to_the_runs_table_of_the_experiment(mlflow_store, tmp_path, capsys):
-    """`make demo` ends with a link that opens MLflow's runs table of the cxrgaze experiment
-    (MLflow 3 opens on its GenAI view without `workflowType=machine_learning`)."""
+def test_the_summary_links_to_the_results_view_of_the_experiment(mlflow_store, tmp_path, capsys):
+    """`make demo` ends with a link that opens the results view of the cxrgaze experiment's
+    runs table (MLflow 3 opens on its GenAI view without `workflowType=machine_learning`)."""
     import mlflow
 
     experiment_id = mlflow.set_experiment("cxrgaze").experiment_id
@@ -207,5 +207,6 @@ def test_the_summary_links_to_the_runs_table_of_the_experiment(mlflow_store, tmp
     prepared.mkdir(parents=True)
     (prepared / "manifest.csv").write_text("dicom_id,patient_id,study_id,label\n1,2,3,CHF\n")
     assert main(["summary", "--root", str(tmp_path)]) == 0
-    link = f"http://127.0.0.1:5000/#/experiments/{experiment_id}?workflowType=machine_learning"
+    link = (f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?viewStateShareKey=cxrgaze-results"
+            "&workflowType=machine_learning")
     assert f"then open {link}" in capsys.readouterr().out

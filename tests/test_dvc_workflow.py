@@ -86,13 +86,13 @@ def test_exp_run_set_param_reruns_later_stages_and_diffs_metrics(repo):
     runs = _runs(repo)
     trained = {r["id"] for r in runs[:n_runs] if r["tags"].get("cxrgaze.kind") == "train"}
     evaluations = [r for r in runs[n_runs:] if r["tags"].get("cxrgaze.evaluated") == "true"]
-    assert sorted(r["name"] for r in evaluations) == sorted(VARIANTS)
-    for r in evaluations:  # runs of their own, named by the experiment, linked to the baseline's training runs
+    assert sorted(r["name"] for r in evaluations) == sorted(f"{v} evaluation" for v in VARIANTS)
+    for r in evaluations:  # tagged with the experiment, nested under the baseline's training runs
         assert r["tags"]["cxrgaze.dvc_experiment"] == "fewer-resamples"
         assert r["params"]["evaluate.n_resamples"] == "300"
-        assert r["tags"]["cxrgaze.trained_in_run"] in trained
-    for r in runs[:n_runs]:  # the baseline's runs kept their own evaluation only
-        if r["id"] in trained:
+        assert r["tags"]["mlflow.parentRunId"] in trained
+    for r in runs[:n_runs]:  # the baseline's runs are as they were
+        if r["tags"].get("cxrgaze.evaluated") == "true":
             assert r["params"]["evaluate.n_resamples"] == "200" and "cxrgaze.dvc_experiment" not in r["tags"]
     report = [r for r in runs[n_runs:] if r["name"] == "report"]
     assert len(report) == 1 and report[0]["tags"]["cxrgaze.dvc_experiment"] == "fewer-resamples"

@@ -35,7 +35,7 @@ class _Stop:
             raise self.exc(f"stopped after epoch {self.at}")
 
 
-def test_training_and_evaluation_land_in_one_run(tiny_prepared, mlflow_store, tmp_path):
+def test_training_and_its_evaluation_are_a_run_and_its_nested_run(tiny_prepared, mlflow_store, tmp_path):
     prepared, split = tiny_prepared
     config = resolve_run_config(FAST, "unet")
     result, run_id = train_tracked(config, prepared, split, tmp_path / "train", progress=False)
@@ -57,8 +57,15 @@ def test_training_and_evaluation_land_in_one_run(tiny_prepared, mlflow_store, tm
     dicom_dir = prepared.parent / "data" / "mimic-cxr"
     evaluation, eval_run, model_uri = evaluate_tracked(tmp_path / "train", prepared, split, tmp_path / "eval",
                                                        EvalConfig(n_resamples=200), progress=False)
-    assert eval_run == run_id
-    run = client.get_run(run_id)
+    # The evaluation is a run of its own below the training run, whose times stay its own.
+    trained = client.get_run(run_id)
+    assert (trained.info.end_time, trained.info.status) == (run.info.end_time, "FINISHED")
+    assert not {"test_auc_macro", "val_auc_macro"} & set(trained.data.metrics)
+    run = client.get_run(eval_run)
+    assert run.info.run_name == "unet evaluation" and run.data.tags["mlflow.parentRunId"] == run_id
+    assert run.info.start_time >= trained.info.end_time and run.data.tags["cxrgaze.kind"] == "evaluation"
+    assert run.data.params["loss.gamma"] == str(config.loss.gamma) and "loss.alpha" not in run.data.params
+    assert "epoch_val_auc_macro" not in run.data.metrics, "the curves stay in the training run"
     m = run.data.metrics
     assert run.info.status == "FINISHED" and run.data.tags["cxrgaze.evaluated"] == "true"
     assert m["val_auc_macro"] == pytest.approx(result.best["val_auc_macro"], abs=1e-6), "evaluation = kept checkpoint"
@@ -69,10 +76,10 @@ def test_training_and_evaluation_land_in_one_run(tiny_prepared, mlflow_store, tm
     assert {"test_brier", "test_ece", "test_sens_at_spec90_CHF", "sanity_generator_passed",
             "sanity_generator_cascade_spearman", "test_sal_mask_cc_n", "val_sal_generator_cc"} <= set(m)
     assert m["test_sal_mask_cc_n"] + m["test_sal_mask_cc_nan"] == m["test_n"]
-    figures = {a.path for a in client.list_artifacts(run_id, "figures")}
+    figures = {a.path for a in client.list_artifacts(eval_run, "figures")}
     assert {"figures/roc.png", "figures/confusion.png", "figures/heatmaps.png", "figures/training.png",
             "figures/reliability.png"} <= figures
-    evaluation_files = {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    evaluation_files = {a.path for a in client.list_artifacts(eval_run, "evaluation")}
     assert {"evaluation/scores.npz", "evaluation/sanity.json", "evaluation/saliency.csv"} <= evaluation_files
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["variant"] == "unet"
     # The run's page says what it is and its headline; the logged model is named after the variant.
@@ -81,6 +88,7 @@ def test_training_and_evaluation_land_in_one_run(tiny_prepared, mlflow_store, tm
     assert (f"Test macro AUC **{m['test_auc_macro']:.3f}** [{m['test_auc_macro_ci95_low']:.3f}, "
             f"{m['test_auc_macro_ci95_high']:.3f}]") in description
     assert f"kept epoch {result.best_epoch + 1}." in description and model_uri in description
+    assert client.get_run(run_id).data.tags["mlflow.note.content"].startswith(description)
     assert mlflow.get_logged_model(model_uri.split("/")[-1]).name == "unet"
 
     # The input example inside the model artifact is the purpose-made synthetic DICOM, not a
@@ -107,10 +115,11 @@ def test_training_and_evaluation_land_in_one_run(tiny_prepared, mlflow_store, tm
     assert val_auc_of_model(model_uri, prepared, split, dicom_dir) == pytest.approx(m["val_auc_macro"], abs=1e-4)
 
 
-def test_a_second_evaluation_or_another_experiment_gets_a_run_of_its_own(tiny_prepared, mlflow_store, tmp_path,
-                                                                         monkeypatch):
-    """Evaluation appends to the training run once, and only within its revision and DVC
-    experiment; the runs are found again by what they produced, not by ids in the outputs."""
+def test_each_evaluation_is_a_run_nested_under_the_training_run(tiny_prepared, mlflow_store, tmp_path, monkeypatch):
+    """Every evaluation gets a run of its own, below the run that trained the checkpoint
+    (found by the checkpoint's hash) or, without one in the store, at the top with the
+    training curves copied; the runs are found again by what they produced, preferring
+    the current revision's and DVC experiment's."""
     from cxrgaze.experiment.evaluation import evaluation_run
     from cxrgaze.tracking import file_digest
 
@@ -121,33 +130,35 @@ def test_a_second_evaluation_or_another_experiment_gets_a_run_of_its_own(tiny_pr
     client = MlflowClient()
     assert client.get_run(train_run).data.tags["cxrgaze.checkpoint_sha256"] == file_digest(train_dir / "best.pt")
 
-    # Under another DVC experiment than the training's: a run of its own, though the
-    # training run is not evaluated yet.
     monkeypatch.setenv("DVC_EXP_NAME", "fewer-resamples")  # what `dvc exp run` sets
     other = evaluate_tracked(train_dir, prepared, split, tmp_path / "eval0", EvalConfig(n_resamples=100),
                              progress=False)[1]
-    assert other != train_run
-    own = client.get_run(other)
-    assert own.info.run_name == "unet" and own.data.tags["cxrgaze.trained_in_run"] == train_run
-    assert own.data.tags["cxrgaze.dvc_experiment"] == "fewer-resamples"
-    assert own.data.params["evaluate.n_resamples"] == "100" and own.data.params["model.encoder"] == "tu-tinynet_e"
-    assert [m.step for m in client.get_metric_history(other, "epoch_val_auc_macro")] == [1, 2]  # curves copied
-    assert evaluation_run(tmp_path / "eval0")[:2] == (other, own.data.tags["cxrgaze.model_uri"])
     monkeypatch.delenv("DVC_EXP_NAME")
-
-    # The training's own revision and experiment: appended to the training run, once.
     first = evaluate_tracked(train_dir, prepared, split, tmp_path / "eval1", EvalConfig(n_resamples=200),
                              progress=False)[1]
-    assert first == train_run
-    trained = client.get_run(train_run)
-    assert trained.data.params["evaluate.n_resamples"] == "200" and "cxrgaze.dvc_experiment" not in trained.data.tags
-    again = evaluate_tracked(train_dir, prepared, split, tmp_path / "eval2", EvalConfig(n_resamples=150),
-                             progress=False)[1]
-    assert again not in (train_run, other)
-    assert client.get_run(again).data.tags["cxrgaze.trained_in_run"] == train_run
-    assert client.get_run(train_run).data.params["evaluate.n_resamples"] == "200", "the training run keeps its evaluation"
-    assert evaluation_run(tmp_path / "eval2")[0] == again
+    assert len({other, first, train_run}) == 3
+    for run_id, resamples in ((other, "100"), (first, "200")):
+        run = client.get_run(run_id)
+        assert run.info.run_name == "unet evaluation" and run.data.tags["mlflow.parentRunId"] == train_run
+        assert run.data.params["evaluate.n_resamples"] == resamples
+        assert run.data.params["model.encoder"] == "tu-tinynet_e"
+        assert not client.get_metric_history(run_id, "epoch_val_auc_macro"), "the curves are the parent's"
+    assert client.get_run(other).data.tags["cxrgaze.dvc_experiment"] == "fewer-resamples"
+    assert "cxrgaze.dvc_experiment" not in client.get_run(first).data.tags
+    assert "evaluate.n_resamples" not in client.get_run(train_run).data.params, "the training run is left alone"
+    assert evaluation_run(tmp_path / "eval0")[:2] == (other, client.get_run(other).data.tags["cxrgaze.model_uri"])
     assert evaluation_run(tmp_path / "eval0")[2] is False, "eval0's run is of another DVC experiment"
+    assert evaluation_run(tmp_path / "eval1")[0] == first
+
+    # A store without the training run (deleted here; a pulled checkpoint elsewhere): a
+    # top-level run with the training curves copied.
+    client.delete_run(train_run)
+    alone = evaluate_tracked(train_dir, prepared, split, tmp_path / "eval2", EvalConfig(n_resamples=150),
+                             progress=False)[1]
+    run = client.get_run(alone)
+    assert "mlflow.parentRunId" not in run.data.tags and run.data.params["evaluate.n_resamples"] == "150"
+    assert [m.step for m in client.get_metric_history(alone, "epoch_val_auc_macro")] == [1, 2]
+    assert evaluation_run(tmp_path / "eval2")[0] == alone
 
 
 def test_a_failing_run_ends_failed(tiny_prepared, mlflow_store, tmp_path):
@@ -185,6 +196,18 @@ def test_the_experiment_opens_as_model_training_with_a_description(mlflow_store)
     tags = client.get_experiment(experiment_id).tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
     assert "test_auc_macro" in tags["mlflow.note.content"] and "shortcut" in tags["mlflow.note.content"]
+    assert f"(#/experiments/{experiment_id}/runs?viewStateShareKey=cxrgaze-results&" in tags["mlflow.note.content"]
+    # The results view is a search MLflow runs: evaluated runs only, best test AUC first.
+    view = json.loads(tags["mlflow.sharedViewState.cxrgaze-results"])
+    for name, evaluated, auc in (("unet", None, None), ("a evaluation", "true", 0.6), ("b evaluation", "true", 0.7)):
+        with mlflow.start_run(run_name=name, experiment_id=experiment_id):
+            if evaluated:
+                mlflow.set_tag("cxrgaze.evaluated", evaluated)
+                mlflow.log_metric("test_auc_macro", auc)
+    order = view["orderByKey"] + (" ASC" if view["orderByAsc"] else " DESC")
+    found = client.search_runs([experiment_id], view["searchFilter"], order_by=[order])
+    assert [r.info.run_name for r in found] == ["b evaluation", "a evaluation"]
+    assert "metrics.`test_auc_macro_ci95_low`" in view["selectedColumns"]
     client.set_experiment_tag(experiment_id, "mlflow.note.content", "my own notes")
     set_experiment()
     assert client.get_experiment(experiment_id).tags["mlflow.note.content"] == "my own notes"

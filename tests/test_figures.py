@@ -79,6 +79,7 @@ def test_training_curves(tmp_path):
     loss_ax, auc_ax = fig.axes
     assert [line.get_label() for line in loss_ax.get_lines()] == ["loss", "cls"]
     np.testing.assert_allclose(auc_ax.get_lines()[0].get_ydata(), [0.5, 0.6, 0.7, 0.8])
+    assert list(auc_ax.get_lines()[0].get_xdata()) == [1, 2, 3, 4], "1-based epochs, as on the console"
     _saves(fig, tmp_path / "curves.png")
 
 

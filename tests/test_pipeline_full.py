@@ -115,7 +115,7 @@ def test_the_mlflow_and_optuna_pages_tell_the_story_in_a_real_browser(repo, tmp_
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [
-        "mlflow-champion-run.png", "mlflow-heatmaps.png", "mlflow-registry.png", "mlflow-runs.png",
+        "mlflow-champion-run.png", "mlflow-heatmaps.png", "mlflow-registry.png", "mlflow-results-view.png", "mlflow-runs.png",
         "optuna-dashboard.png"]
 
 

@@ -211,6 +211,7 @@ def test_write_histories_gathers_every_seed_for_dvc_plots(tmp_path):
     write_histories(tmp_path / "train", ["unet"], tmp_path / "history")
     table = pd.read_csv(tmp_path / "history" / "unet.csv")
     assert table["seed"].tolist() == [0, 0, 1, 1] and table["val_auc_macro"].tolist() == [0.5, 0.7, 0.6, 0.8]
+    assert table["epoch"].tolist() == [1, 2, 1, 2], "1-based, as on the console and in MLflow"
     assert sorted(p.name for p in (tmp_path / "history").iterdir()) == ["unet.csv"]
     with pytest.raises(FileNotFoundError, match="train@set1-gbp"):
         write_histories(tmp_path / "train", ["set1-gbp"], tmp_path / "history")
@@ -239,3 +240,35 @@ def test_the_report_run_carries_the_headline_and_says_where_the_tables_are(mlflo
     assert "| unet | 0.786 [0.734, 0.838] | 0.984 | 0.120 |" in description
     assert "| set3-gbp | 0.774 [0.719, 0.830] | 0.986 | n/a |" in description and "`results.md`" in description
     assert "results.md" in {a.path for a in MlflowClient().list_artifacts(run_id)}
+
+
+def test_paired_differences_reach_the_evaluation_run_and_its_training_run_without_reopening_them(mlflow_store):
+    """The report adds each variant's paired differences to its evaluation run (metrics, and a
+    paragraph of its and its training run's descriptions, replaced on a later report),
+    through the client: both runs keep their status and end time."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from cxrgaze.experiment.report import PAIRED_HEADING, log_paired
+    from cxrgaze.tracking import set_experiment
+
+    set_experiment()
+    with mlflow.start_run(run_name="set3-gbp") as parent:
+        mlflow.set_tag("mlflow.note.content", "training")
+    with mlflow.start_run(run_name="set3-gbp evaluation", parent_run_id=parent.info.run_id) as child:
+        mlflow.set_tag("mlflow.note.content", "**set3-gbp**: headline")
+    client = MlflowClient()
+    ended = {r: client.get_run(r).info.end_time for r in (parent.info.run_id, child.info.run_id)}
+    for difference in (0.5, 0.0123):  # a second report replaces the first one's paragraph
+        log_paired(child.info.run_id, {"unet": {"difference": difference, "low": -0.02, "high": 0.045,
+                                                "p_value": 0.41}})
+    run = client.get_run(child.info.run_id)
+    assert run.data.metrics["test_auc_macro_diff_vs_unet"] == pytest.approx(0.0123)
+    assert run.data.metrics["test_auc_macro_diff_vs_unet_ci95_low"] == pytest.approx(-0.02)
+    assert run.data.metrics["test_auc_macro_diff_vs_unet_p_value"] == pytest.approx(0.41)
+    expected = f"\n\n{PAIRED_HEADING}\n- vs `unet`: +0.012 [-0.020, +0.045], p = 0.410"
+    assert run.data.tags["mlflow.note.content"] == "**set3-gbp**: headline" + expected
+    assert client.get_run(parent.info.run_id).data.tags["mlflow.note.content"] == "training" + expected
+    for run_id, end_time in ended.items():
+        info = client.get_run(run_id).info
+        assert (info.status, info.end_time) == ("FINISHED", end_time)

@@ -13,9 +13,8 @@ find it by that tag (:func:`find_runs`): a training run by its ``best.pt``
 
 Every run also carries :func:`run_context`, the git revision and, under ``dvc exp run``,
 the DVC experiment's name (DVC puts it in the stage's environment), so that runs of an
-experiment are told apart from its baseline's, and a later stage appends to an earlier
-stage's run only when both belong to the same revision and experiment
-(:func:`same_context`).
+experiment are told apart from its baseline's, and a later stage prefers the runs of its own
+revision and experiment (:func:`same_context`).
 
 The training callback (:class:`EpochLogger`) logs each epoch's record, so the train loop
 knows nothing of MLflow.
@@ -42,6 +41,7 @@ from mlflow.tracking import MlflowClient
 
 from cxrgaze import DATA_VERSION_ENV
 from cxrgaze.errors import reason
+from cxrgaze.mlflow_ui import experiment_tags
 
 EXPERIMENT = "cxrgaze"
 """The MLflow experiment of every cxrgaze run (overridable with ``MLFLOW_EXPERIMENT_NAME``)."""
@@ -53,24 +53,8 @@ RUN_FILE = "run.json"
 CHECKPOINT_TAG = "cxrgaze.checkpoint_sha256"
 """Tag of a run that trained (or evaluated) a checkpoint: the SHA-256 of its ``best.pt``."""
 
-EXPERIMENT_TAGS = {
-    "mlflow.experimentKind": "custom_model_development",
-    "mlflow.note.content": (
-        "Chest X-ray classifiers (Normal / CHF / pneumonia) whose training loss supervises heatmap generators "
-        "with a radiologist's eye gaze (cxrgaze).\n\n"
-        "- **Training runs** are named after their variant (tag `cxrgaze.kind = train`; one per training seed). "
-        "The headline is `test_auc_macro` with `test_auc_macro_ci95_low` / `_high` (percentile bootstrap); "
-        "`val_auc_macro` is the checkpoint-selection split.\n"
-        "- On the synthetic data, **validation carries the shortcut marker and test does not**: a high "
-        "validation AUC with a low test AUC means the model uses the shortcut.\n"
-        "- `tune-<variant>` runs hold the Optuna studies, their trials nested; the `report` run holds the "
-        "results tables (`results.md`) with the paired differences.\n"
-        "- Registered model `cxrgaze`, alias `champion`: promoted by validation macro AUC."),
-}
-"""Tags of the cxrgaze experiment: its kind (model development, not GenAI) and the note the
-UI shows as its description. MLflow 3.17's UI picks its GenAI or model-training view from a
-toggle it remembers per browser; a link with ``?workflowType=machine_learning`` opens the
-runs table (``cxrgaze summary`` prints one)."""
+NOTE_TAG = "mlflow.note.content"
+"""The tag the MLflow UI shows as a run's (or experiment's) description (markdown)."""
 
 EVALUATED_TAG = "cxrgaze.evaluated"
 """``true`` on a run that holds a finished evaluation and its servable model (the registry
@@ -113,7 +97,7 @@ def set_experiment(name: str | None = None) -> str:
         os.environ.setdefault(key, value)
     try:
         experiment = mlflow.set_experiment(name)
-        missing = {k: v for k, v in EXPERIMENT_TAGS.items() if k not in experiment.tags}
+        missing = {k: v for k, v in experiment_tags(experiment.experiment_id).items() if k not in experiment.tags}
         for key, value in missing.items():  # a description the user wrote is kept
             MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id

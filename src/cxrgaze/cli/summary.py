@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from cxrgaze import CLASSES
+from cxrgaze.mlflow_ui import results_link
 from cxrgaze.layout import MLFLOW_DB, PREPARED, REGISTER_JSON, RESULTS_MD, SPLIT, TRAIN_ROOT
 from cxrgaze.tracking import experiment_name
 from cxrgaze.variants import VARIANTS
@@ -63,10 +64,9 @@ def print_summary(root: Path = Path(".")) -> None:
           "  .venv/bin/dvc metrics show | .venv/bin/dvc plots show | .venv/bin/dvc params diff")
 
 
-def mlflow_ui_link(store: Path, base: str = "http://127.0.0.1:5000") -> str:
-    """The link that opens the cxrgaze experiment's runs table in MLflow's UI: MLflow 3 opens
-    on its GenAI view unless the link asks for ``workflowType=machine_learning`` (the UI
-    remembers the choice per browser)."""
+def mlflow_ui_link(store: Path, base: str = "http://127.0.0.1:5000/") -> str:
+    """The link that opens the cxrgaze experiment's results view in MLflow's UI
+    (:func:`cxrgaze.mlflow_ui.results_link`); the experiments list when the store has none."""
     experiment = None
     if store.is_file():
         with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as db:
@@ -75,9 +75,8 @@ def mlflow_ui_link(store: Path, base: str = "http://127.0.0.1:5000") -> str:
                                  (experiment_name(),)).fetchone()
             except sqlite3.Error:
                 row = None
-        experiment = row[0] if row else None
-    page = f"#/experiments/{experiment}" if experiment is not None else "#/experiments"
-    return f"{base}/{page}?workflowType=machine_learning"
+        experiment = str(row[0]) if row else None
+    return results_link(experiment, base)
 
 
 def _print_results(results_md: Path, register_json: Path) -> None:

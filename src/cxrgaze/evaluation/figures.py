@@ -164,10 +164,11 @@ def reliability_diagram(y_true: np.ndarray, scores: np.ndarray, class_names: Seq
 def training_curves(history: Sequence[Mapping[str, Any]]) -> Figure:
     """Training loss terms (``train_*`` keys) and ``val_auc_macro`` per ``epoch``.
 
-    ``history`` is the training loop's list of per-epoch records; a key missing from an
-    epoch leaves a gap.
+    ``history`` is the training loop's list of per-epoch records (``epoch`` counts from 0);
+    the axis shows 1-based epoch numbers, as the console and MLflow do. A key missing from
+    an epoch leaves a gap.
     """
-    epochs = [rec.get("epoch", i) for i, rec in enumerate(history)]
+    epochs = [int(rec.get("epoch", i)) + 1 for i, rec in enumerate(history)]
     train_keys = list(dict.fromkeys(k for rec in history for k in rec if k.startswith("train_")))
     fig = _figure((10, 3.8))
     loss_ax, auc_ax = fig.subplots(1, 2)

@@ -1,17 +1,18 @@
-"""Evaluation as MLflow runs: logging an evaluation into the run that trained its checkpoint
-(:func:`evaluate_tracked`), finding it again (:func:`evaluation_run`), and registering the
-evaluated models (:func:`register_evaluated`).
+"""Evaluation as MLflow runs: an evaluation in a run of its own (:func:`evaluate_tracked`),
+finding it again (:func:`evaluation_run`), and registering the evaluated models
+(:func:`register_evaluated`).
 
-:func:`evaluate_tracked` finds the run that trained the checkpoint by its checkpoint tag
-and logs the evaluation into it (params ``evaluate.*``, test/val metrics with CIs,
-heatmap-vs-gaze scores, figures, the servable model), then tags it
-``cxrgaze.evaluated=true`` (:data:`~cxrgaze.tracking.EVALUATED_TAG`; the registry only
-considers runs so tagged) and with the SHA-256 of the evaluation's ``metrics.json``
-(:data:`~cxrgaze.tracking.EVALUATION_TAG`). It appends only to a run that is not yet
-evaluated and belongs to the same git revision and DVC experiment; any other evaluation
-(``dvc exp run -S evaluate.n_resamples=500`` on restored checkpoints, a pulled checkpoint, a
-deleted ``mlflow.db``) gets a run of its own, with the training params and curves copied
-and ``cxrgaze.trained_in_run`` naming the training run.
+Each evaluation of a checkpoint gets a run named ``<variant> evaluation``, nested under the
+run that trained the checkpoint (found by its ``run.json`` or the checkpoint tag), so that
+each run's duration is its own work. It holds the params ``evaluate.*`` and the training's,
+the test/val metrics with CIs, the heatmap-vs-gaze scores, the figures, the servable model,
+the tag ``cxrgaze.evaluated=true`` (:data:`~cxrgaze.tracking.EVALUATED_TAG`; the registry
+only considers runs so tagged) and the SHA-256 of the evaluation's ``metrics.json``
+(:data:`~cxrgaze.tracking.EVALUATION_TAG`). Its headline also becomes the training run's
+description (a tag: the training run's times do not change). An evaluation whose training
+run is not in this store (a pulled checkpoint, a deleted ``mlflow.db``) is a top-level run
+with the training curves copied. Re-evaluations (``dvc exp run -S evaluate.n_resamples=500``)
+are further runs nested under the same training run, tagged with their DVC experiment.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 import pandas as pd
+from mlflow.tracking import MlflowClient
 
 from cxrgaze.checkpoint import checkpoint_variant, load_checkpoint
 from cxrgaze.config import EvalConfig, RegisterConfig, from_mapping
@@ -33,12 +37,9 @@ from cxrgaze.evaluate import EvalResult, evaluate
 from cxrgaze.experiment.training import EPOCH_PREFIX, data_params, prepared_data_config, run_params
 from cxrgaze.registry import Candidate, register_and_promote, val_auc_of_model, validation_set_id
 from cxrgaze.serving.log import log_model
-from cxrgaze.tracking import (CHECKPOINT_TAG, EVALUATED_TAG, EVALUATION_TAG, RUN_FILE, EpochLogger, TrackingError,
-                              data_version, file_digest, find_runs, finite_metrics, flatten, read_run_file, resumed_run,
-                              run_exists, run_tags, same_context, set_experiment)
-
-TRAINED_IN_TAG = "cxrgaze.trained_in_run"
-"""Tag of an evaluation run that is not its checkpoint's training run: that run's id."""
+from cxrgaze.tracking import (CHECKPOINT_TAG, EVALUATED_TAG, EVALUATION_TAG, NOTE_TAG, RUN_FILE, EpochLogger,
+                              TrackingError, data_version, file_digest, find_runs, finite_metrics, flatten,
+                              read_run_file, run_exists, run_tags, same_context, set_experiment)
 
 
 def evaluate_tracked(
@@ -50,41 +51,42 @@ def evaluate_tracked(
     figures_dir: str | Path | None = None,
     progress: bool = True,
 ) -> tuple[EvalResult, str, str]:
-    """Evaluate the best checkpoint of ``train_dir`` and log it, with the servable model,
-    into the run that trained it (or a run of its own, see the module docstring). Returns
-    the result, the run id and the logged model's URI. ``out_dir`` gets only the
-    evaluation's files: the run is found again with :func:`evaluation_run`.
+    """Evaluate the best checkpoint of ``train_dir`` in a run of its own, nested under the run
+    that trained it (see the module docstring), and log the servable model into it. Returns
+    the result, the evaluation run's id and the logged model's URI. ``out_dir`` gets only
+    the evaluation's files: the run is found again with :func:`evaluation_run`.
     """
     train_dir, out_dir, prepared_dir = Path(train_dir), Path(out_dir), Path(prepared_dir)
     config = config or EvalConfig()
     set_experiment()
-    run_id = _run_for(train_dir, prepared_dir)
-    result = evaluate(train_dir / "best.pt", prepared_dir, split_csv, out_dir, config,
-                      history_csv=train_dir / "history.csv", figures_dir=figures_dir, progress=progress)
-    model_uri = _log_evaluation(run_id, train_dir, out_dir, list(result.figures.values()), prepared_dir,
-                                params=flatten({"evaluate": asdict(config)}))
+    with _evaluation_run(train_dir, prepared_dir) as (run_id, parent):
+        result = evaluate(train_dir / "best.pt", prepared_dir, split_csv, out_dir, config,
+                          history_csv=train_dir / "history.csv", figures_dir=figures_dir, progress=progress)
+        model_uri = _log_evaluation(parent, train_dir, out_dir, list(result.figures.values()), prepared_dir,
+                                    params=flatten({"evaluate": asdict(config)}))
     return result, run_id, model_uri
 
 
-def _log_evaluation(run_id: str, train_dir: Path, out_dir: Path, figures: list[Path], prepared_dir: Path,
+def _log_evaluation(parent: str | None, train_dir: Path, out_dir: Path, figures: list[Path], prepared_dir: Path,
                     params: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> str:
-    """Log an evaluation's files (``out_dir``), figures and servable model into ``run_id``
-    and tag it evaluated (and with ``tags``); returns the model's URI."""
+    """Log an evaluation's files (``out_dir``), figures and servable model into the active
+    run, tag it evaluated (and with ``tags``), and write its headline into its description
+    and the training run's (``parent``); returns the model's URI."""
     metrics = json.loads((out_dir / "metrics.json").read_text())
-    with resumed_run(run_id):
-        mlflow.log_metrics(finite_metrics(metrics))
-        for figure in figures:
-            mlflow.log_artifact(str(figure), "figures")
-        for name in ("metrics.json", "scores.npz", "predictions.csv", "saliency.csv", "sanity.json"):
-            mlflow.log_artifact(str(out_dir / name), "evaluation")
-        info = log_model(train_dir / "best.pt", prepared_data_config(prepared_dir))
-        # Params last, with the tags: an evaluation that failed before this point leaves the
-        # run free for the next attempt, whatever its settings (MLflow params are immutable).
-        if params:
-            mlflow.log_params(params)
-        mlflow.set_tags({**(tags or {}), EVALUATED_TAG: "true", "cxrgaze.model_uri": info.model_uri,
-                         EVALUATION_TAG: file_digest(out_dir / "metrics.json"),
-                         "mlflow.note.content": run_description(train_dir / "best.pt", metrics, info.model_uri)})
+    mlflow.log_metrics(finite_metrics(metrics))
+    for figure in figures:
+        mlflow.log_artifact(str(figure), "figures")
+    for name in ("metrics.json", "scores.npz", "predictions.csv", "saliency.csv", "sanity.json"):
+        mlflow.log_artifact(str(out_dir / name), "evaluation")
+    info = log_model(train_dir / "best.pt", prepared_data_config(prepared_dir))
+    if params:
+        mlflow.log_params(params)
+    description = run_description(train_dir / "best.pt", metrics, info.model_uri)
+    mlflow.set_tags({**(tags or {}), EVALUATED_TAG: "true", "cxrgaze.model_uri": info.model_uri,
+                     EVALUATION_TAG: file_digest(out_dir / "metrics.json"), NOTE_TAG: description})
+    if parent is not None:  # a tag, not a metric: the training run's times stay its own
+        MlflowClient().set_tag(parent, NOTE_TAG, f"{description}\n\nEvaluated in run "
+                                                 f"`{mlflow.active_run().info.run_id}` (nested below).")
     return info.model_uri
 
 
@@ -113,52 +115,57 @@ def run_description(checkpoint: Path, metrics: dict[str, float | None], model_ur
 def log_restored_evaluation(train_dir: str | Path, eval_dir: str | Path, figures_dir: str | Path,
                             prepared_dir: str | Path) -> tuple[str, str]:
     """Log an evaluation that DVC restored (``dvc pull``, the run cache) but no run of this
-    tracking store holds: its files, figures and model go into a run found or opened as by
-    :func:`evaluate_tracked`, without evaluating again. Returns ``(run_id, model_uri)``."""
+    tracking store holds: its files, figures and model go into an evaluation run opened as
+    by :func:`evaluate_tracked`, without evaluating again. Returns ``(run_id, model_uri)``."""
     train_dir, eval_dir, prepared_dir = Path(train_dir), Path(eval_dir), Path(prepared_dir)
     set_experiment()
-    run_id = _run_for(train_dir, prepared_dir)
     figures = sorted(Path(figures_dir).glob("*.png")) if Path(figures_dir).is_dir() else []
-    print(f"{eval_dir}: restored by DVC, logged by no run in {mlflow.get_tracking_uri()}: logging it into run {run_id}")
-    return run_id, _log_evaluation(run_id, train_dir, eval_dir, figures, prepared_dir,
-                                   tags={"cxrgaze.restored_evaluation": "true"})
+    with _evaluation_run(train_dir, prepared_dir) as (run_id, parent):
+        print(f"{eval_dir}: restored by DVC, logged by no run in {mlflow.get_tracking_uri()}: "
+              f"logging it into run {run_id}")
+        return run_id, _log_evaluation(parent, train_dir, eval_dir, figures, prepared_dir,
+                                       tags={"cxrgaze.restored_evaluation": "true"})
 
 
-def _run_for(train_dir: Path, prepared_dir: Path) -> str:
-    """The run to log an evaluation of ``train_dir/best.pt`` into: its training run when
-    that run is not yet evaluated and belongs to this revision and DVC experiment, else a
-    new run with the checkpoint's config and curves."""
+def training_run(train_dir: Path) -> str | None:
+    """The id of the run that trained ``train_dir/best.pt`` (its ``run.json``, else the
+    newest run tagged with the checkpoint's hash), or None when this store holds none."""
     checkpoint = file_digest(train_dir / "best.pt")
     candidates = [read_run_file(train_dir)["run_id"]] if (train_dir / RUN_FILE).exists() else []
-    candidates += [run.info.run_id for run in find_runs({CHECKPOINT_TAG: checkpoint})]
-    client = mlflow.tracking.MlflowClient()
-    trained_in = None
+    candidates += [run.info.run_id for run in find_runs({CHECKPOINT_TAG: checkpoint, "cxrgaze.kind": "train"})]
+    client = MlflowClient()
     for run_id in dict.fromkeys(candidates):
-        if not run_exists(run_id):
-            continue
-        tags = client.get_run(run_id).data.tags
-        if tags.get(CHECKPOINT_TAG) != checkpoint:
-            continue  # run.json of a run that did not finish this checkpoint (killed, resumed since)
-        if tags.get("cxrgaze.kind") == "train":
-            trained_in = trained_in or run_id
-        if tags.get(EVALUATED_TAG) != "true" and same_context(tags):
-            return run_id
+        if run_exists(run_id) and client.get_run(run_id).data.tags.get(CHECKPOINT_TAG) == checkpoint:
+            return run_id  # (a run.json whose run did not finish this checkpoint fails the hash check)
+    return None
+
+
+@contextmanager
+def _evaluation_run(train_dir: Path, prepared_dir: Path) -> Iterator[tuple[str, str | None]]:
+    """An evaluation run of ``train_dir/best.pt``, active in the block: ``(run_id, parent)``.
+
+    It is named ``<variant> evaluation``, nested under the checkpoint's training run
+    (``parent``) when this store holds it, and carries the training's params (so that
+    evaluations compare by their settings); without a training run, it also gets the
+    training curves. It ends FAILED when the block raises, leaving the training run as it was.
+    """
     ckpt = load_checkpoint(train_dir / "best.pt")
     variant = checkpoint_variant(ckpt).name
-    why = (f"its training run {trained_in} is already evaluated or belongs to another revision or DVC experiment"
-           if trained_in else f"no run in {mlflow.get_tracking_uri()} trained it")
-    print(f"{train_dir / 'best.pt'}: {why}; the evaluation gets a run of its own (training params and curves copied)")
-    with mlflow.start_run(run_name=variant) as run:
-        mlflow.set_tags({**run_tags(variant, "unknown"), CHECKPOINT_TAG: checkpoint, "cxrgaze.kind": "evaluation",
-                         **({TRAINED_IN_TAG: trained_in} if trained_in else {})})
+    parent = training_run(train_dir)
+    if parent is None:
+        print(f"{train_dir / 'best.pt'}: no run in {mlflow.get_tracking_uri()} trained it; the evaluation run "
+              "gets the training params and curves")
+    with mlflow.start_run(run_name=f"{variant} evaluation", parent_run_id=parent) as run:
+        mlflow.set_tags({**run_tags(variant, "unknown"), CHECKPOINT_TAG: file_digest(train_dir / "best.pt"),
+                         "cxrgaze.kind": "evaluation"})
         mlflow.log_params(run_params(ckpt["config"]))
         mlflow.log_params(flatten({"data": data_params(prepared_dir)}))
         history = train_dir / "history.csv"
-        if history.exists():
+        if parent is None and history.exists():
             logger = EpochLogger(prefix=EPOCH_PREFIX)
             for record in pd.read_csv(history).to_dict("records"):
                 logger.on_epoch_end(record)
-        return run.info.run_id
+        yield run.info.run_id, parent
 
 
 def evaluation_run(eval_dir: str | Path) -> tuple[str, str, bool] | None:

@@ -17,7 +17,9 @@ from cxrgaze.report.results import PAIRED_COLUMNS, Report
 def write_histories(train_root: str | Path, variants: list[str], out_dir: str | Path) -> list[Path]:
     """``out_dir/<variant>.csv``: the per-epoch curves of every seed of each variant (the
     seeds' ``history.csv`` under ``train_root/<variant>/seed<S>/``, with a ``seed`` column),
-    for ``dvc plots``; a file of a variant no longer listed is removed."""
+    for ``dvc plots``; ``epoch`` is 1-based there, as on the console and in MLflow
+    (``history.csv`` counts from 0, as the checkpoints do). A file of a variant no longer
+    listed is removed."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("*.csv"):
@@ -28,8 +30,10 @@ def write_histories(train_root: str | Path, variants: list[str], out_dir: str | 
         found = [p for p in Path(train_root, variant).glob("seed*/history.csv") if p.parent.name[4:].isdigit()]
         if not found:
             raise FileNotFoundError(f"{Path(train_root, variant)}: no seed<S>/history.csv (run `dvc repro train@{variant}`)")
-        frames = [pd.read_csv(p).assign(seed=int(p.parent.name[4:]))
-                  for p in sorted(found, key=lambda p: int(p.parent.name[4:]))]
+        frames = []
+        for path in sorted(found, key=lambda p: int(p.parent.name[4:])):
+            table = pd.read_csv(path)
+            frames.append(table.assign(epoch=table["epoch"] + 1, seed=int(path.parent.name[4:])))
         paths.append(out_dir / f"{variant}.csv")
         pd.concat(frames).to_csv(paths[-1], index=False, lineterminator="\n")
     return paths
