@@ -2,7 +2,9 @@
 
 Each DVC stage names the exact ``params.yaml`` keys it reads; the library receives the
 resolved dataclass, and checkpoints and MLflow runs carry ``dataclasses.asdict`` of it.
-Unknown keys are an error (a typo must not silently fall back to a default).
+Unknown keys are an error (a typo must not silently fall back to a default), and so is a
+value of the wrong type or out of range: the message names the dotted key, the value and
+what is expected (``params.yaml: train.lr: 'fast' is not a number``).
 
 - :mod:`cxrgaze.config.core`: loading, :func:`from_mapping`, profile :func:`overlay`.
 - :mod:`cxrgaze.config.data`: ``data`` and ``split``.

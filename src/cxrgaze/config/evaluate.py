@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from cxrgaze.config.core import ConfigError, from_mapping
+from cxrgaze.config.core import ConfigError, as_mapping, from_mapping
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,10 @@ def eval_config(params: Mapping[str, Any] | None, where: str | None = "params.ya
     """The :class:`EvalConfig` of a params mapping's ``evaluate`` section (defaults without
     one); ``overrides`` that are not None (command-line flags) replace its values. Errors
     name ``where`` (the file)."""
-    section = {**((params or {}).get("evaluate") or {}), **{k: v for k, v in overrides.items() if v is not None}}
-    return from_mapping(EvalConfig, section, where=f"{where}: evaluate" if where else "evaluate")
+    where = f"{where}: evaluate" if where else "evaluate"
+    section = as_mapping((params or {}).get("evaluate"), where)
+    section.update({k: v for k, v in overrides.items() if v is not None})
+    return from_mapping(EvalConfig, section, where=where)
 
 
 GATE_KEYS = ("min_gaze_cc", "require_sanity")
@@ -68,7 +70,7 @@ class RegisterConfig:
     min_delta: float = 0.0
     """The champion moves only when a candidate's validation macro AUC is higher by more than this."""
     metric: str = "val_auc_macro"
-    gate: Mapping[str, Any] = field(default_factory=dict)
+    gate: Mapping[str, Any] | None = field(default_factory=dict)
     """Explanation gate on validation evidence (empty: none). ``min_gaze_cc``: the
     generator map's mean CC with the gaze on validation must reach this; ``require_sanity``:
     the generator must pass the sanity checks (parameter randomisation, input dependence)."""

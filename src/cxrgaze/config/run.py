@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cxrgaze.config.core import ConfigError, from_mapping, non_negative, to_dict
+from cxrgaze.config.core import ConfigError, as_mapping, check_mapping, check_value, from_mapping, non_negative, to_dict
 from cxrgaze.variants import parse_variant
 
 
@@ -122,11 +122,12 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:1``..."""
-    amp: str = "fp32"
+    amp: str | bool = "fp32"
     """``fp32`` (no autocast) or ``bf16`` (bfloat16 autocast; meant for CUDA). Neither
     spelling changes meaning when ``dvc exp run -S`` rewrites ``params.yaml`` without
-    quotes. The legacy ``off`` (and ``false``, which YAML reads from an unquoted ``off``)
-    still means ``fp32``."""
+    quotes. The legacy ``off`` (and ``false``, which YAML reads from an unquoted ``off``:
+    hence the ``bool`` in the annotation) still means ``fp32``; the resolved value is
+    always ``fp32`` or ``bf16``."""
     augment: bool = False
     """Small random affine on image and gaze together (off, as the reference)."""
     eval_batch_size: int = 64
@@ -175,10 +176,10 @@ class RunConfig:
 def run_seeds(params: dict[str, Any], where: str = "params.yaml") -> tuple[int, ...]:
     """The training seeds of a params mapping: ``train.seeds`` (a list: every variant is
     trained once per seed), or ``(train.seed,)`` when there is no list."""
-    train_section = params.get("train") or {}
+    train_section = as_mapping(params.get("train"), f"{where}: train")
     seeds = train_section.get("seeds")
     if seeds is None:
-        return (int(train_section.get("seed", TrainConfig.seed)),)
+        return (check_value(train_section.get("seed", TrainConfig.seed), int, f"{where}: train.seed"),)
     if (not isinstance(seeds, (list, tuple)) or not seeds
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
             or len(set(seeds)) != len(seeds)):
@@ -195,26 +196,26 @@ def resolve_run_config(params: dict[str, Any], variant: str, where: str = "param
     ``model``, ``loss`` and ``train`` give the common settings; ``variants.<variant>`` may
     override any of them with its own ``model:``/``loss:``/``train:`` mappings (the
     reference tuned the baseline and the U-Net separately). ``seed`` defaults to the first
-    of :func:`run_seeds`.
+    of :func:`run_seeds`. Each section is checked alone first, so that an error names the
+    key where the bad value is written: ``train.lr`` or ``variants.<variant>.train.lr``.
     """
     try:
         parse_variant(variant)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    overrides = dict((params.get("variants") or {}).get(variant) or {})
+    overrides = as_mapping(as_mapping(params.get("variants"), f"{where}: variants").get(variant),
+                           f"{where}: variants.{variant}")
     unknown = sorted(set(overrides) - {"model", "loss", "train"})
     if unknown:
         raise ConfigError(f"{where}: variants.{variant}: unknown section(s) {', '.join(unknown)}")
-    sections = {}
-    for name in ("model", "loss", "train"):
-        merged = {**(params.get(name) or {}), **(overrides.get(name) or {})}
+    configs = {}
+    for name, cls in (("model", ModelConfig), ("loss", LossConfig), ("train", TrainConfig)):
+        common = {k: v for k, v in as_mapping(params.get(name), f"{where}: {name}").items() if k != "seeds"}
+        from_mapping(cls, common, where=f"{where}: {name}")
+        own = check_mapping(cls, overrides.get(name), where=f"{where}: variants.{variant}.{name}")
+        merged = {**common, **own}
         if name == "train":
-            merged.update(variant=variant)
-            merged.pop("seeds", None)
-            merged["seed"] = run_seeds(params, where)[0] if seed is None else seed
-        sections[name] = merged
-    return RunConfig(
-        model=from_mapping(ModelConfig, sections["model"], where=f"{where}: model"),
-        loss=from_mapping(LossConfig, sections["loss"], where=f"{where}: loss"),
-        train=from_mapping(TrainConfig, sections["train"], where=f"{where}: train"),
-    )
+            merged.update(variant=variant, seed=run_seeds(params, where)[0] if seed is None else seed)
+        configs[name] = from_mapping(cls, merged, where=f"{where}: variants.{variant}.{name}" if own else
+                                     f"{where}: {name}")
+    return RunConfig(**configs)

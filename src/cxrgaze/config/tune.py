@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from cxrgaze.config.core import ConfigError, from_mapping
+from cxrgaze.config.core import ConfigError, as_mapping, from_mapping
 from cxrgaze.variants import VARIANTS, parse_variant
 
 SPACE_TARGETS: dict[str, tuple[str, str]] = {
@@ -110,22 +110,15 @@ def variant_space(space: Mapping[str, SearchRange], variant: str) -> dict[str, S
 def tune_config(params: Mapping[str, Any], where: str = "params.yaml", **overrides: Any) -> TuneConfig:
     """The :class:`TuneConfig` of a params mapping's ``tune`` section; ``overrides`` that are
     not None (command-line flags) replace its values before validation."""
-    section = dict(params.get("tune") or {})
+    section = as_mapping(params.get("tune"), f"{where}: tune")
     section.update({k: v for k, v in overrides.items() if v is not None})
     if "space" in section:
         space = section["space"]
-        if not isinstance(space, Mapping) or not all(isinstance(spec, Mapping) for spec in space.values()):
+        if not isinstance(space, Mapping):
             raise ConfigError(f"{where}: tune.space must map names to {{low, high, log}}")
-        section["space"] = {}
-        for name, spec in space.items():
-            try:
-                section["space"][name] = from_mapping(SearchRange, spec, where=f"{where}: tune.space.{name}")
-            except ConfigError as exc:
-                raise ConfigError(str(exc) if str(exc).startswith(where) else f"{where}: tune.space.{name}: {exc}") from None
-    try:
-        return from_mapping(TuneConfig, section, where=f"{where}: tune")
-    except ConfigError as exc:
-        raise ConfigError(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from None
+        section["space"] = {name: from_mapping(SearchRange, spec, where=f"{where}: tune.space.{name}")
+                            for name, spec in space.items()}
+    return from_mapping(TuneConfig, section, where=f"{where}: tune")
 
 
 def storage_kind(url: str) -> str:
