@@ -74,12 +74,13 @@ class StudyRuns:
         self.client.set_terminated(run_id, status)
 
 
-def end_stale_trial_run(run_id: str | None, state: str) -> None:
-    """A trial whose worker stopped sending heartbeats: its run ends FAILED, saying why."""
+def end_stale_trial_run(run_id: str | None, state: str, why: str = "worker stopped sending heartbeats") -> None:
+    """A trial whose worker died (stopped sending heartbeats, or its process is gone): its
+    run ends FAILED, saying ``why``."""
     if run_id and run_exists(run_id):
         client = MlflowClient()
         client.set_tag(run_id, "optuna.trial.state", state)
-        client.set_tag(run_id, "cxrgaze.error", "worker stopped sending heartbeats")
+        client.set_tag(run_id, "cxrgaze.error", why)
         client.set_terminated(run_id, "FAILED")
 
 

@@ -12,9 +12,10 @@ import json
 import math
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from cxrgaze.distributed import (DistContext, barrier, broadcast_module, broadca
                                  init_from_env, is_active)
 from cxrgaze.metrics import auc_summary
 from cxrgaze.models import build_model
+from cxrgaze.outlock import FolderInUse, acquire, release
 from cxrgaze.predict import predict_logits, scores_from_logits, selection_metrics
 from cxrgaze.runtime import resolve_device, seed_everything
 from cxrgaze.train.step import Stepper
@@ -117,8 +119,11 @@ def train(
     """Train ``config.train.variant`` on the prepared arrays; write checkpoints to ``out_dir``.
 
     Resumes from ``out_dir/last.pt`` when it exists and was written with the same config
-    (a different config is an error rather than a silent restart; pass ``resume=False``
-    or delete the folder to start over).
+    (a different config is an error rather than a silent restart; pass ``resume=False``,
+    on the command line ``--no-resume``, or delete the folder to start over). The folder is
+    held for the run (:mod:`cxrgaze.outlock`): a second process training into it is refused
+    with :class:`~cxrgaze.outlock.FolderInUse` naming the first (under ``torchrun``, rank 0
+    holds it for the job and every rank stops with the refusal).
 
     ``dist``: this process's place in a ``torchrun`` job; ``None`` reads it from the
     environment (:func:`cxrgaze.distributed.init_from_env`, which joins the job when
@@ -132,31 +137,32 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx, device = _join(dist, cfg.device, micro_batches)
-    seed_everything(cfg.seed)
-    train_data, val_data = _load_splits(prepared_dir, split_csv, cfg.batch_size, ctx, micro_batches)
-    model = build_model(config.model, variant=cfg.variant).to(device)
-    stepper = Stepper(model, config, train_data, device, ctx, micro_batches, out_dir / "last.pt")
-    state = _resume(stepper, config, device, ctx) if resume and stepper.last_path.exists() else _Progress()
-    broadcast_module(model)  # every rank starts from rank 0's weights (they agree already: same seed or last.pt)
-    for epoch in range(state.next_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        sums = stepper.run_epoch(epoch, progress)
-        record: dict[str, Any] = {"epoch": epoch, "lr": stepper.optimizer.param_groups[0]["lr"]}
-        record.update({f"train_{k}": s / len(train_data) for k, s in sums.items()})
-        val = validation_record(model, val_data, device, config) if ctx.is_main else None
-        record.update(broadcast_object(val))  # rank 0 evaluates; every rank agrees on the best epoch
-        if stepper.scheduler is not None:
-            stepper.scheduler.step()
-        record["seconds"] = time.perf_counter() - t0
-        improved = state.add(record)
-        if ctx.is_main:
-            _save(stepper, config, state, epoch, improved, out_dir)
-        if progress and ctx.is_main:
-            tqdm.write(f"{cfg.variant} epoch {epoch + 1}/{cfg.epochs}: "
-                       + ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k.startswith(("train_", "val_auc_macro", "val_outside"))))
-        for cb in callbacks:
-            cb.on_epoch_end(record)
-    return _finish(state, cfg.variant, out_dir, device, config, ctx)
+    with _exclusive(out_dir, ctx):  # one run per folder (cxrgaze.outlock)
+        seed_everything(cfg.seed)
+        train_data, val_data = _load_splits(prepared_dir, split_csv, cfg.batch_size, ctx, micro_batches)
+        model = build_model(config.model, variant=cfg.variant).to(device)
+        stepper = Stepper(model, config, train_data, device, ctx, micro_batches, out_dir / "last.pt")
+        state = _resume(stepper, config, device, ctx) if resume and stepper.last_path.exists() else _Progress()
+        broadcast_module(model)  # every rank starts from rank 0's weights (they agree already: same seed or last.pt)
+        for epoch in range(state.next_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            sums = stepper.run_epoch(epoch, progress)
+            record: dict[str, Any] = {"epoch": epoch, "lr": stepper.optimizer.param_groups[0]["lr"]}
+            record.update({f"train_{k}": s / len(train_data) for k, s in sums.items()})
+            val = validation_record(model, val_data, device, config) if ctx.is_main else None
+            record.update(broadcast_object(val))  # rank 0 evaluates; every rank agrees on the best epoch
+            if stepper.scheduler is not None:
+                stepper.scheduler.step()
+            record["seconds"] = time.perf_counter() - t0
+            improved = state.add(record)
+            if ctx.is_main:
+                _save(stepper, config, state, epoch, improved, out_dir)
+            if progress and ctx.is_main:
+                tqdm.write(f"{cfg.variant} epoch {epoch + 1}/{cfg.epochs}: "
+                           + ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k.startswith(("train_", "val_auc_macro", "val_outside"))))
+            for cb in callbacks:
+                cb.on_epoch_end(record)
+        return _finish(state, cfg.variant, out_dir, device, config, ctx)
 
 
 def _join(dist: DistContext | None, device_name: str, micro_batches: int) -> tuple[DistContext, torch.device]:
@@ -172,6 +178,29 @@ def _join(dist: DistContext | None, device_name: str, micro_batches: int) -> tup
         raise RuntimeError(f"train(dist=rank {ctx.rank} of {ctx.world_size}) needs an initialised process group "
                            "(cxrgaze.distributed.init_from_env)")
     return ctx, device
+
+
+@contextmanager
+def _exclusive(out_dir: Path, ctx: DistContext) -> Iterator[None]:
+    """Hold ``out_dir`` for the run. Under ``torchrun`` rank 0 holds it for the whole job
+    (the ranks of one job share it) and tells the others whether it could: a refused job
+    stops on every rank with the same one-line reason instead of waiting for rank 0."""
+    lock, error = None, None
+    if ctx.is_main:
+        try:
+            lock = acquire(out_dir)
+        except (FolderInUse, OSError) as exc:
+            error = exc
+    refusal = broadcast_object(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if refusal is not None:
+        raise FolderInUse(refusal)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            release(lock)
 
 
 def _load_splits(prepared_dir: str | Path, split_csv: str | Path, batch_size: int, ctx: DistContext,
@@ -195,7 +224,7 @@ def _resume(stepper: Stepper, config: RunConfig, device: torch.device, ctx: Dist
     ckpt = load_checkpoint(last_path)
     if ckpt["config"] != config.as_dict():
         raise ValueError(f"{last_path}: written by a run with a different config; "
-                         "delete the folder (or pass resume=False) to start over")
+                         "delete the folder or train with --no-resume to start over")
     stepper.model.load_state_dict(ckpt["model"])
     stepper.optimizer.load_state_dict(ckpt["optimizer"])
     if stepper.scheduler is not None and ckpt.get("scheduler") is not None:

@@ -23,12 +23,18 @@ Storage (``tune.storage`` or ``--storage``):
 * ``sqlite:///optuna.db`` (default): one worker process. Optuna advises against SQLite
   for parallel workers, so ``workers > 1`` is refused.
 * ``journal:PATH``: Optuna's journal file, safe for several processes on one machine.
-  Optuna 5 has no heartbeat for it: a trial whose process was killed stays RUNNING.
+  Optuna 5 has no heartbeat for it: each trial records its worker's host and process id
+  instead, and a worker that finds a RUNNING trial whose process on this machine is gone
+  (killed) marks it FAIL and queues it again, at start and whenever it checks the budget
+  (:func:`cxrgaze.tune.storage.fail_dead_workers_trials`).
 * ``postgresql+psycopg2://USER:PASSWORD@HOST/DB``: workers on several machines.
 
 SQLite and PostgreSQL (``RDBStorage``) record a heartbeat every ``heartbeat_interval``
 seconds while a trial runs; a trial silent for ``grace_period`` seconds (its worker died)
 is marked FAIL and queued again (:data:`cxrgaze.tune.storage.MAX_RETRY` times at most).
+A worker with no trial left to start waits for the running ones (polling every
+``heartbeat_interval`` seconds), to take over a dead worker's retry; on a journal file it
+waits only for trials of live workers of this machine.
 
 Trial budget: ``n_trials`` is the total number of trials a study should hold, whatever
 their state (COMPLETE, PRUNED, FAIL, and the RUNNING/WAITING ones under way); a FAIL trial

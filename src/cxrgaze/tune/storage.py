@@ -4,9 +4,14 @@ PostgreSQL), the stale-trial retry, and the lock that makes the trial budget exa
 SQLite and PostgreSQL (``RDBStorage``) record a heartbeat every ``heartbeat_interval``
 seconds while a trial runs; a trial silent for ``grace_period`` seconds (its worker died)
 is marked FAIL, its MLflow run ends FAILED, and it is queued again (:data:`MAX_RETRY` times
-at most). Every worker checks the budget and creates its next trial while holding a lock
-shared by all workers of the study (:func:`gate`: a file lock on one machine, a PostgreSQL
-advisory lock across machines).
+at most). Optuna 5's ``JournalStorage`` has no heartbeat (it is no ``BaseHeartbeat``):
+there each trial records its worker (:data:`WORKER_ATTR`: host, process id and start
+time), and a worker checking the budget marks FAIL, and queues again the same way, every
+RUNNING trial whose worker on this machine is gone (:func:`fail_dead_workers_trials`).
+
+Every worker checks the budget and creates its next trial while holding a lock shared by
+all workers of the study (:func:`gate`: a file lock on one machine, a PostgreSQL advisory
+lock across machines).
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ from sqlalchemy.engine import make_url
 
 from cxrgaze.config import TuneConfig, storage_kind
 from cxrgaze.experiment.trials import end_stale_trial_run
+from cxrgaze.outlock import owner_record, process_alive, this_host
 
 MAX_RETRY = 2
-"""How many times a trial whose worker died (stale heartbeat) is queued again."""
+"""How many times a trial whose worker died (stale heartbeat, or its process gone) is queued again."""
 
 PARENT_RUN_ATTR = "cxrgaze.mlflow_parent_run_id"
 """Study user attribute: the id of the study's MLflow parent run."""
@@ -40,6 +46,9 @@ CONFIG_ATTR = "cxrgaze.training_config"
 """Study user attribute: the training config (less the searched settings) all trials share."""
 TRIAL_RUN_ATTR = "cxrgaze.mlflow_run_id"
 """Trial user attribute: the id of the trial's MLflow run."""
+WORKER_ATTR = "cxrgaze.worker"
+"""Trial user attribute: the worker process running it, ``{"host", "pid", "started"}``
+(:func:`cxrgaze.outlock.owner_record`), set before any other worker can see the trial."""
 
 
 def storage_file(url: str) -> Path:
@@ -81,12 +90,52 @@ def _rdb_storage(cfg: TuneConfig) -> optuna.storages.RDBStorage:
                                           heartbeat_stale_trial_callback=_retry_stale_trial)
 
 
-def _retry_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+def _retry_stale_trial(study: optuna.Study, trial: FrozenTrial, why: str = "worker stopped sending heartbeats") -> None:
     """Heartbeat-stale trial (its worker died): end its MLflow run FAILED, queue it again."""
-    end_stale_trial_run(trial.user_attrs.get(TRIAL_RUN_ATTR), TrialState.FAIL.name)
+    end_stale_trial_run(trial.user_attrs.get(TRIAL_RUN_ATTR), TrialState.FAIL.name, why)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+
+
+def claim_trial(trial: optuna.Trial) -> None:
+    """Record this process as ``trial``'s worker (:data:`WORKER_ATTR`)."""
+    trial.set_user_attr(WORKER_ATTR, owner_record())
+
+
+def worker_status(trial: FrozenTrial) -> str:
+    """Where the worker of a RUNNING journal trial stands: ``running`` (a live process of this
+    machine), ``elsewhere`` (another host: cannot be checked from here) or ``gone`` (a process
+    of this machine that no longer runs, or none recorded: every worker records itself while
+    it holds the gate, so a trial seen without one lost its worker before it could)."""
+    worker = trial.user_attrs.get(WORKER_ATTR)
+    if not isinstance(worker, dict) or not isinstance(worker.get("pid"), int):
+        return "gone"
+    if worker.get("host") != this_host():
+        return "elsewhere"
+    return "running" if process_alive(worker["pid"], worker.get("started")) else "gone"
+
+
+def fail_dead_workers_trials(study: optuna.Study) -> list[int]:
+    """Journal storage: mark the RUNNING trials of dead workers (:func:`worker_status`) FAIL and
+    queue them again with the same parameters (as a stale heartbeat does on SQLite and
+    PostgreSQL); returns their numbers. Call while holding the gate."""
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if worker_status(trial) != "gone":
+            continue
+        worker = trial.user_attrs.get(WORKER_ATTR) or {}
+        try:
+            if not study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # it finished meanwhile
+        frozen = study._storage.get_trial(trial._trial_id)
+        if frozen.state != TrialState.FAIL:
+            continue
+        _retry_stale_trial(study, frozen, f"worker process {worker.get('pid', '?')} on {worker.get('host', '?')} is gone")
+        failed.append(trial.number)
+    return failed
 
 
 def study_name(cfg: TuneConfig, variant: str) -> str:

@@ -34,8 +34,9 @@ from cxrgaze.runtime import resolve_device
 from cxrgaze.tracking import flatten
 from cxrgaze.train import train
 from cxrgaze.tune.overrides import as_overrides, merge_overrides
-from cxrgaze.tune.storage import (CONFIG_ATTR, PARENT_RUN_ATTR, TRIAL_RUN_ATTR, display_storage, gate, held,
-                                  live_trials, open_study, trial_sampler)
+from cxrgaze.tune.storage import (CONFIG_ATTR, PARENT_RUN_ATTR, TRIAL_RUN_ATTR, claim_trial,
+                                  display_storage, fail_dead_workers_trials, gate, held, live_trials, open_study,
+                                  trial_sampler, worker_status)
 
 UNTRACKED_KEYS = ("train.device", "train.eval_batch_size")
 """Settings that do not change a trial's result and may differ between workers."""
@@ -96,8 +97,10 @@ class _Worker:
                     return
                 if action == "wait":
                     if not waited:
+                        when = (f"{self.cfg.grace_period} s after its last heartbeat" if self.heartbeat
+                                else "once its process is gone")
                         print(f"{self.study.study_name}: all trials started; waiting for those still running "
-                              f"(a dead worker's trial is retried {self.cfg.grace_period} s after its last heartbeat)")
+                              f"(a dead worker's trial is retried {when})")
                     waited = True
                     time.sleep(self.cfg.heartbeat_interval)
         finally:
@@ -127,11 +130,17 @@ class _Worker:
 
     def _next_action(self) -> str:
         """``run`` a trial (its sampler is seeded here), ``wait`` for trials of other workers
-        (they may die and be retried), or ``stop``. Called while holding the gate."""
+        (they may die and be retried), or ``stop``. Called while holding the gate. Dead
+        workers' trials are failed and queued again first: by heartbeat (SQLite, PostgreSQL)
+        or, on a journal file, by their worker's process (:func:`fail_dead_workers_trials`)."""
         if self.heartbeat:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ExperimentalWarning)
                 optuna.storages.fail_stale_trials(self.study)
+        else:
+            for number in fail_dead_workers_trials(self.study):
+                print(f"{self.study.study_name}: trial {number} lost its worker (process gone); marked FAIL and "
+                      "queued again")
         trials = live_trials(self.study)
         waiting = [t.number for t in trials if t.state == TrialState.WAITING]
         if len(trials) < self.cfg.n_trials or waiting:
@@ -139,11 +148,13 @@ class _Worker:
             number = waiting[0] if waiting else len(self.study.get_trials(deepcopy=False))
             self.study.sampler = trial_sampler(self.cfg.seed, number)
             return "run"
-        if self.heartbeat and any(t.state == TrialState.RUNNING for t in trials):
+        # A journal trial is waited for only where its worker can be watched (this machine).
+        if any(t.state == TrialState.RUNNING and (self.heartbeat or worker_status(t) == "running") for t in trials):
             return "wait"
         return "stop"
 
     def _objective(self, trial: optuna.Trial) -> float:
+        claim_trial(trial)  # before the gate opens: other workers then see whose trial it is
         self.gate.release()
         values = {name: trial.suggest_float(name, r.low, r.high, log=r.log)
                   for name, r in variant_space(self.cfg.space, self.variant).items()}
