@@ -19,6 +19,12 @@ not a DVC output, so `dvc repro` after a kill resumes the unfinished seed from i
 epoch and keeps the seeds that had finished. Resume state is used only when it was
 written for the same inputs (:func:`fingerprint`: config, data, split and code);
 anything else is discarded. When every seed is done, RESUME_DIR is removed.
+
+A seed whose MLflow run missed records while the tracking server was away (its
+``tracking_buffer.jsonl``: :mod:`cxrgaze.tracking_buffer`) keeps its resume folder and
+the stage fails, naming what is missing: `evaluate` finds a run by its checkpoint tag,
+so the pipeline must not go on without it. `dvc repro` once the server answers sends
+the records (with their steps and times) and goes on, without training again.
 """
 
 import hashlib
@@ -72,6 +78,8 @@ def main() -> None:
     from cxrgaze.config import load_params
     from cxrgaze.experiment.training import finish_train_run, train_tracked
     from cxrgaze.config import resolve_run_config, run_seeds
+    from cxrgaze.tracking import TrackingError, read_run_file
+    from cxrgaze.tracking_buffer import BUFFER_FILE
     from cxrgaze.tune.overrides import load_tuned, merge_overrides
 
     variant, prepared, split_csv, tuned, out_dir, resume_dir = sys.argv[1:7]
@@ -83,18 +91,27 @@ def main() -> None:
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     if out.exists():
         shutil.rmtree(out)  # DVC removes it too; a plain `python pipelines/train.py` must not mix runs
+    incomplete = []
     for seed in seeds:
         config = resolve_run_config(params, variant, where=where, seed=seed)
         state = resume / f"seed{seed}"
         if resume_state(state, fingerprint(config.as_dict(), Path(prepared), Path(split_csv))):
-            finish_train_run(state)  # a kill may have come between its last file and the end of its run
+            # what a tracking outage kept back, or a kill between its last file and the end of its run
+            missing = finish_train_run(state)
         else:
             result, run_id = train_tracked(config, prepared, split_csv, state)
             print(f"{variant} seed {seed}: best epoch {result.best_epoch + 1}, val macro AUC "
                   f"{result.best.get('val_auc_macro', float('nan')):.4f}, MLflow run {run_id}")
+            missing = read_run_file(state).get("tracking_incomplete")
+        if missing:
+            incomplete.append(f"seed {seed} lacks {missing}")
         (out / f"seed{seed}").mkdir(parents=True)
         for name in DELIVERED:
             shutil.copyfile(state / name, out / f"seed{seed}" / name)
+    if incomplete:
+        raise TrackingError(f"every seed trained, but MLflow runs are incomplete ({'; '.join(incomplete)}); kept in "
+                            f"{resume}/seed<S>/{BUFFER_FILE}: run `dvc repro` again once the tracking server answers "
+                            "(it sends them without training again)")
     shutil.rmtree(resume)
     if resume.parent.is_dir() and not any(resume.parent.iterdir()):
         resume.parent.rmdir()

@@ -158,16 +158,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, artifacts: Path, log: Path, timeout: float = 120):
-    """A real ``mlflow server`` on a free loopback port (proxied artifacts in ``artifacts``,
-    output in ``log``), healthy on entry and killed with its workers on exit; yields
-    ``(url, process)``. The job runner is off: its huey consumers serve GenAI jobs only and
-    slow the shutdown."""
+def mlflow_server(backend_uri: str, artifacts: Path, log: Path, timeout: float = 120, port: int | None = None):
+    """A real ``mlflow server`` on a free loopback port (or ``port``: a server restarted
+    where its clients expect it), with proxied artifacts in ``artifacts`` and output in
+    ``log``, healthy on entry and killed with its workers on exit; yields ``(url, process)``.
+    The job runner is off: its huey consumers serve GenAI jobs only and slow the shutdown."""
     import signal
     import time
     import urllib.request
 
-    port = free_port()
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in tool_env().items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"

@@ -1,9 +1,22 @@
-"""Faults with real processes: the tracking server stops in the middle of a training run."""
+"""Faults with real processes: the tracking server stops in the middle of a training run
+(issue 16, item 1).
+
+A real ``mlflow server`` (SQLite backend, proxied artifacts) is killed with its workers
+after the first epoch. When it is restarted on the same port and database before training
+ends, the run gets every epoch at its step and with its original time and ends FINISHED;
+when it stays down until the end, ``run.json``, the console and (once it is back) the run
+itself say what is missing, and the flush path (a resumed ``train_tracked``, or
+``flush_train_run`` as ``cxrgaze evaluate`` and the train stage run it) delivers it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
+import time
 
 import mlflow
 import pandas as pd
@@ -12,11 +25,17 @@ from mlflow.tracking import MlflowClient
 
 from cxrgaze.checkpoint import load_checkpoint
 from cxrgaze.config import resolve_run_config
-from cxrgaze.experiment.training import train_tracked
+from cxrgaze.experiment.delivery import INCOMPLETE_TAG
+from cxrgaze.experiment.training import flush_train_run, train_tracked
+from cxrgaze.tracking import CHECKPOINT_TAG, file_digest
+from cxrgaze.tracking_buffer import BUFFER_FILE, Pending, metrics_record, summary
 
 from conftest import mlflow_server
 
 pytestmark = pytest.mark.timeout(300)
+
+MISSING = "epochs 2-3, final metrics, history.csv, checkpoint tag, end of run"
+"""What a 3-epoch run whose server stops after epoch 1 and never comes back lacks."""
 
 
 @pytest.fixture
@@ -40,46 +59,203 @@ def tracking_server(tmp_path, _migrated_mlflow_db, monkeypatch):
             mlflow.set_tracking_uri(None)
 
 
-class _StopServerAfterFirstEpoch:
-    def __init__(self, proc) -> None:
-        self.proc = proc
+@pytest.fixture
+def restart_server(tracking_server, tmp_path):
+    """Start the killed server again: same port, same SQLite database, same artifacts
+    (stopped at teardown); returns the time it was asked to start."""
+    uri, _ = tracking_server
+    with contextlib.ExitStack() as stack:
+        def restart() -> float:
+            asked = time.time()
+            stack.enter_context(mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts",
+                                              tmp_path / "server-restarted.log", port=int(uri.rsplit(":", 1)[1])))
+            return asked
+
+        yield restart
+
+
+class _Outage:
+    """Epoch callback: kills the server (and its workers) at the end of epoch ``stop``
+    (1-based) and, with ``restart``, starts it again at the end of epoch ``back``."""
+
+    def __init__(self, proc, stop: int = 1, restart=None, back: int | None = None) -> None:
+        self.proc, self.stop, self.restart, self.back = proc, stop, restart, back
+        self.restarted_at: float | None = None
 
     def on_epoch_end(self, record):
-        if record["epoch"] == 0:
-            import os
-            import signal
-
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its workers
+        epoch = record["epoch"] + 1
+        if epoch == self.stop:
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
+        if epoch == self.back:
+            self.restarted_at = self.restart()
 
 
-def test_tracking_server_stopped_during_a_run(tiny_prepared, tracking_server, tmp_path, capfd):
-    """Training finishes, the loss of tracking is reported clearly, nothing on disk is lost."""
+def _fast_outage(monkeypatch) -> None:
+    """A stopped server refuses at once (no client retries) and the end of a run retries
+    twice without waiting long: the paths of the defaults, in seconds."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr("cxrgaze.experiment.delivery.END_RETRY_WAITS", (0.2, 0.2))
+
+
+@pytest.fixture
+def fast_outage(monkeypatch):
+    _fast_outage(monkeypatch)
+
+
+def _config(epochs: int = 3):
+    return resolve_run_config({"model": {"encoder": "tu-tinynet_e"}, "train": {"epochs": epochs, "batch_size": 16}},
+                              "baseline")
+
+
+def _epoch_steps(run_id: str) -> dict[str, list[int]]:
+    """Every ``epoch_*`` metric of the run and the steps it has, in order."""
+    client = MlflowClient()
+    keys = [k for k in client.get_run(run_id).data.metrics if k.startswith("epoch_")]
+    return {k: sorted(m.step for m in client.get_metric_history(run_id, k)) for k in sorted(keys)}
+
+
+def _tracking_fields(out) -> dict:
+    return {k: v for k, v in json.loads((out / "run.json").read_text()).items() if k.startswith("tracking_")
+            and k != "tracking_uri"}
+
+
+def test_tracking_server_back_before_the_end_gets_every_epoch(tiny_prepared, tracking_server, restart_server,
+                                                             fast_outage, tmp_path, capfd):
+    """Killed after epoch 1, restarted after epoch 2: the run gets epoch 2 (queued) with its
+    original time, then epoch 3, at the steps of an uninterrupted run; it ends FINISHED,
+    untagged, and ``run.json`` says nothing is missing."""
     uri, proc = tracking_server
     prepared, split = tiny_prepared
-    config = resolve_run_config({"model": {"encoder": "tu-tinynet_e"}, "train": {"epochs": 3, "batch_size": 16}},
-                                "baseline")
+    outage = _Outage(proc, stop=1, restart=restart_server, back=2)
     out = tmp_path / "train"
-    result, run_id = train_tracked(config, prepared, split, out, callbacks=[_StopServerAfterFirstEpoch(proc)],
-                                   progress=False)
+    result, run_id = train_tracked(_config(), prepared, split, out, callbacks=[outage], progress=False)
     assert len(result.history) == 3
     err = capfd.readouterr().err
-    assert "MLflow tracking lost" in err and uri in err
-    assert "training finished, but MLflow run" in err
-    assert json.loads((out / "run.json").read_text())["tracking_lost"].startswith("epoch 2")
-    assert len(pd.read_csv(out / "history.csv")) == 3
+    assert f"MLflow tracking lost ({uri}) at epoch 2" in err
+    assert f"MLflow tracking back ({uri}): run {run_id} got epoch 2, with their original steps and times" in err
+    assert "incomplete" not in err
+
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert INCOMPLETE_TAG not in run.data.tags
+    assert run.data.tags[CHECKPOINT_TAG] == file_digest(out / "best.pt")
+    assert run.data.metrics["best_epoch"] == result.best_epoch + 1
+    assert [a.path for a in client.list_artifacts(run_id)] == ["history.csv"]
+    epoch2 = [m for m in client.get_metric_history(run_id, "epoch_val_auc_macro") if m.step == 2]
+    assert len(epoch2) == 1 and epoch2[0].timestamp <= outage.restarted_at * 1000, "logged when it ended, not when sent"
+    assert _tracking_fields(out) == {} and not (out / BUFFER_FILE).exists()
+
+    _, control = train_tracked(_config(), prepared, split, tmp_path / "control", progress=False)
+    steps = _epoch_steps(run_id)
+    assert steps == _epoch_steps(control) and steps["epoch_val_auc_macro"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("retries", ["fast", pytest.param("defaults", marks=pytest.mark.slow)])
+def test_tracking_server_down_until_the_end_says_what_is_missing_then_flushes(
+        retries, tiny_prepared, tracking_server, restart_server, tmp_path, capfd, monkeypatch):
+    """Killed after epoch 1 and down until training ended: training finishes and its files
+    are complete; the console, ``run.json`` and (once the server is back) the run's tag and
+    status say what the run lacks; the flush path then delivers it with the kept steps and
+    times and the run ends FINISHED, untagged. ``defaults``: cxrgaze's client retries and
+    end-of-run retries (about 30 s of waiting for a server that does not answer)."""
+    if retries == "fast":
+        _fast_outage(monkeypatch)
+    uri, proc = tracking_server
+    prepared, split = tiny_prepared
+    out = tmp_path / "train"
+    started = time.monotonic()
+    result, run_id = train_tracked(_config(), prepared, split, out, callbacks=[_Outage(proc)], progress=False)
+    assert time.monotonic() - started < 120, "a stopped server must cost seconds, not minutes"
+    assert len(result.history) == 3 and len(pd.read_csv(out / "history.csv")) == 3
     assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 3
     assert load_checkpoint(out / "last.pt")["epoch"] == 2 and load_checkpoint(out / "best.pt")
     assert mlflow.active_run() is None, "the lost run must not block the next one"
+    err = capfd.readouterr().err
+    assert f"MLflow tracking lost ({uri}) at epoch 2" in err
+    assert f"training finished, but MLflow run {run_id} is incomplete: it lacks {MISSING}" in err
+    assert str(out / BUFFER_FILE) in err
+    fields = _tracking_fields(out)
+    assert fields["tracking_incomplete"] == MISSING and fields["tracking_buffer"] == BUFFER_FILE
+    assert fields["tracking_lost"].startswith("epoch 2: ")
+    queued = [json.loads(line) for line in (out / BUFFER_FILE).read_text().splitlines()]
+    assert [r["what"] for r in queued] == ["epoch 2", "epoch 3", "final metrics", "history.csv", "checkpoint tag",
+                                           "end of run"]
+
+    restart_server()
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING", "the server never heard the end of the run"
+    assert run.data.tags[INCOMPLETE_TAG] == MISSING == fields["tracking_incomplete"]
+    assert CHECKPOINT_TAG not in run.data.tags and _epoch_steps(run_id)["epoch_val_auc_macro"] == [1]
+
+    assert flush_train_run(out) is None
+    assert f"MLflow tracking back ({uri}): run {run_id} got {MISSING}" in capfd.readouterr().err
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.end_time == queued[-1]["end_time"]
+    assert INCOMPLETE_TAG not in run.data.tags
+    assert run.data.tags[CHECKPOINT_TAG] == file_digest(out / "best.pt")
+    assert [a.path for a in client.list_artifacts(run_id)] == ["history.csv"]
+    steps = _epoch_steps(run_id)
+    assert len(steps) > 5 and all(s == [1, 2, 3] for s in steps.values()), steps
+    sent = {m.step: m.timestamp for m in client.get_metric_history(run_id, "epoch_val_auc_macro")}
+    assert [sent[2], sent[3]] == [queued[0]["timestamp"], queued[1]["timestamp"]]
+    assert _tracking_fields(out) == {} and not (out / BUFFER_FILE).exists()
+    assert flush_train_run(out) is None, "nothing left to send"
+
+
+def test_the_same_train_again_sends_what_the_server_missed(tiny_prepared, tracking_server, restart_server,
+                                                           fast_outage, tmp_path, capfd):
+    """The other flush path: the same ``train_tracked`` into the folder once the server is
+    back resumes the run, sends the queue first and trains nothing again."""
+    _, proc = tracking_server
+    prepared, split = tiny_prepared
+    out = tmp_path / "train"
+    _, run_id = train_tracked(_config(), prepared, split, out, callbacks=[_Outage(proc)], progress=False)
+    assert _tracking_fields(out)["tracking_incomplete"] == MISSING
+    restart_server()
+    capfd.readouterr()
+    result, again = train_tracked(_config(), prepared, split, out, progress=False)
+    assert again == run_id and len(result.history) == 3
+    assert load_checkpoint(out / "last.pt")["epoch"] == 2
+    assert f"run {run_id} got epochs 2-3, final metrics, history.csv, checkpoint tag" in capfd.readouterr().err
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and INCOMPLETE_TAG not in run.data.tags
+    steps = _epoch_steps(run_id)
+    assert len(steps) > 5 and all(s == [1, 2, 3] for s in steps.values()), steps
+    assert _tracking_fields(out) == {} and not (out / BUFFER_FILE).exists()
 
 
 def test_tracking_server_running_gets_the_whole_run(tiny_prepared, tracking_server, tmp_path):
-    """The same run through a healthy server: everything arrives (the control for the test above)."""
+    """The same run through a healthy server: everything arrives, nothing is queued (the
+    control for the tests above)."""
     prepared, split = tiny_prepared
-    config = resolve_run_config({"model": {"encoder": "tu-tinynet_e"}, "train": {"epochs": 2, "batch_size": 16}},
-                                "baseline")
-    _, run_id = train_tracked(config, prepared, split, tmp_path / "train", progress=False)
+    _, run_id = train_tracked(_config(epochs=2), prepared, split, tmp_path / "train", progress=False)
     run = MlflowClient().get_run(run_id)
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and INCOMPLETE_TAG not in run.data.tags
     assert [m.step for m in MlflowClient().get_metric_history(run_id, "epoch_val_auc_macro")] == [1, 2]
-    assert "tracking_lost" not in json.loads((tmp_path / "train" / "run.json").read_text())
+    assert _tracking_fields(tmp_path / "train") == {} and not (tmp_path / "train" / BUFFER_FILE).exists()
+
+
+def test_the_queue_keeps_its_run_order_and_says_what_is_missing(tmp_path, capsys):
+    """The queue on disk: records of another run are dropped with a note, an end record is
+    dropped for a resumed run, and the summary lists epochs as ranges."""
+    path = tmp_path / BUFFER_FILE
+    old = Pending(path, "old-run")
+    old.add(metrics_record("epoch 1", {"x": 1.0}, 1, 10))
+    old.save()
+    mine = Pending(path, "run")
+    assert mine.records == [] and "dropped what another MLflow run never received (epoch 1)" in capsys.readouterr().err
+    mine.planned = ["epoch 2", "epoch 3", "epoch 5", "final metrics", "end of run"]
+    mine.add(metrics_record("epoch 2", {"x": 2.0}, 2, 20))
+    assert summary(mine.missing()) == "epochs 2-3, 5, final metrics, end of run"
+    mine.add(metrics_record("epoch 3", {"x": 3.0}, 3, 30))
+    assert summary(mine.missing(after=1)) == "epochs 3, 5, final metrics, end of run"
+    mine.add({"kind": "end", "what": "end of run"})
+    mine.save()
+    assert [r["what"] for r in Pending(path, "run").records] == ["epoch 2", "epoch 3", "end of run"]
+    assert [r["what"] for r in Pending(path, "run", keep_end=False).records] == ["epoch 2", "epoch 3"]
+    mine.records.clear()
+    mine.save()
+    assert not path.exists()

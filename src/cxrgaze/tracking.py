@@ -17,7 +17,9 @@ experiment are told apart from its baseline's, and a later stage prefers the run
 revision and experiment (:func:`same_context`).
 
 The training callback (:class:`EpochLogger`) logs each epoch's record, so the train loop
-knows nothing of MLflow.
+knows nothing of MLflow; a training run's epochs go through the guard of
+:mod:`cxrgaze.experiment.delivery`, which queues what a stopped tracking server does not
+take and sends it when the server answers again (:mod:`cxrgaze.tracking_buffer`).
 """
 
 from __future__ import annotations
@@ -28,12 +30,11 @@ import math
 import os
 import platform
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import mlflow
 from mlflow.entities import Metric
@@ -69,12 +70,11 @@ GIT_REVISION_TAG = "cxrgaze.git_revision"
 DVC_EXPERIMENT_TAG = "cxrgaze.dvc_experiment"
 """The DVC experiment's name (``DVC_EXP_NAME``), absent outside ``dvc exp run``."""
 
-
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 """Applied unless set: with MLflow's own defaults (7 retries, exponential backoff) one call
 to a stopped tracking server blocks for minutes; these give up in seconds, and the
-:class:`TrackingGuard` lets the work go on."""
+:class:`~cxrgaze.experiment.delivery.TrackingGuard` lets the work go on."""
 
 
 class TrackingError(RuntimeError):
@@ -93,8 +93,7 @@ def set_experiment(name: str | None = None) -> str:
     another experiment without editing anything.
     """
     name = experiment_name(name)
-    for key, value in HTTP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    apply_http_defaults()
     try:
         experiment = mlflow.set_experiment(name)
         missing = {k: v for k, v in experiment_tags(experiment.experiment_id).items() if k not in experiment.tags}
@@ -104,6 +103,12 @@ def set_experiment(name: str | None = None) -> str:
     except Exception as exc:  # noqa: BLE001 - any store failure is one user-facing reason
         raise TrackingError(f"MLflow tracking store {mlflow.get_tracking_uri()}: "
                             f"{reason(exc)}") from exc
+
+
+def apply_http_defaults() -> None:
+    """Set :data:`HTTP_DEFAULTS` where the environment does not."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
 
 
 def data_version() -> str | None:
@@ -211,64 +216,41 @@ def finite_metrics(values: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-class TrackingGuard:
-    """Best-effort tracking for work that must not die with the tracking store.
-
-    ``guard.call(what, fn, ...)`` runs an MLflow call; the first failure (server stopped,
-    database locked...) is reported once on stderr, remembered in :attr:`lost`, and every
-    later call is skipped, so training goes on and its files stay the record.
-    """
-
-    def __init__(self) -> None:
-        self.lost: str | None = None
-
-    def call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.lost is not None:
-            return None
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - any tracking failure is reported, never fatal
-            self.lost = f"{what}: {reason(exc)}"
-            print(f"WARNING: MLflow tracking lost ({mlflow.get_tracking_uri()}) at {self.lost}; "
-                  "training goes on, its checkpoints and metrics files stay complete", file=sys.stderr)
-            return None
-
-
 class EpochLogger:
     """Training callback: logs each epoch's numeric record at ``step = epoch + 1``: steps are
     1-based epoch numbers, as the console prints them (records count epochs from 0).
 
     Logs into ``run_id`` through the client (safe when several runs are active, as in an
-    Optuna study), or into the active run when ``run_id`` is None. With a ``guard``, a
-    tracking failure is reported once and does not stop training.
+    Optuna study), or into the active run when ``run_id`` is None. With a ``guard``
+    (:class:`cxrgaze.experiment.delivery.TrackingGuard`), the epoch goes to the guard's run,
+    timestamped now and queued while the store is away: a tracking failure never stops training.
     """
 
-    def __init__(self, run_id: str | None = None, prefix: str = "", guard: TrackingGuard | None = None) -> None:
+    def __init__(self, run_id: str | None = None, prefix: str = "", guard: Any = None) -> None:
         self.run_id = run_id
         self.prefix = prefix
         self.guard = guard
 
     def on_epoch_end(self, record: dict[str, Any]) -> None:
         step = int(record.get("epoch", 0)) + 1
-        if self.guard is not None:
-            self.guard.call(f"epoch {step}", self._log, record, step)
-        else:
-            self._log(record, step)
-
-    def _log(self, record: dict[str, Any], step: int) -> None:
         metrics = {f"{self.prefix}{k}": v for k, v in finite_metrics(record).items() if k != "epoch"}
-        if self.run_id is None:
+        now = int(time.time() * 1000)
+        if self.guard is not None:
+            self.guard.send_metrics(f"epoch {step}", metrics, step, now)
+        elif self.run_id is None:
             mlflow.log_metrics(metrics, step=step)
         else:
-            now = int(time.time() * 1000)
             MlflowClient().log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
 
 
-def write_run_file(out_dir: str | Path, **fields: Any) -> Path:
-    """Write (or update) ``out_dir/run.json`` with the run id and whatever else later stages need."""
+def write_run_file(out_dir: str | Path, drop: Iterable[str] = (), **fields: Any) -> Path:
+    """Write (or update) ``out_dir/run.json`` with the run id and whatever else later stages
+    need (``None`` values are left as they are; ``drop``: fields to remove)."""
     path = Path(out_dir) / RUN_FILE
     current = read_run_file(out_dir) if path.exists() else {}
     current.update({k: v for k, v in fields.items() if v is not None})
+    for key in drop:
+        current.pop(key, None)
     current.setdefault("tracking_uri", mlflow.get_tracking_uri())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -9,9 +9,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cxrgaze.cli.data_commands import params_section
-from cxrgaze.config import load_params
+from cxrgaze.config import DataConfig, from_mapping, load_params
 from cxrgaze.variants import VARIANTS
+
+
+def open_prepared(prepared: str, params: dict, params_path: str | None) -> None:
+    """Refuse, before any work, an inconsistent prepared folder (:meth:`PreparedDir.check`)
+    and a params file whose ``data`` section is invalid or contradicts the folder
+    (:meth:`PreparedDir.check_settings`): ``train``, ``tune`` and ``evaluate`` read the
+    arrays, never ``data``, so such a section would otherwise be ignored in silence."""
+    from cxrgaze.data.prepared import PreparedDir
+
+    folder = PreparedDir(prepared)
+    folder.check()
+    if params_path and "data" in params:
+        folder.check_settings(from_mapping(DataConfig, params["data"], where=f"{params_path}: data"), params_path)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -30,9 +42,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     main = context_from_env().is_main  # under torchrun only rank 0 reports
     variants = VARIANTS if args.variant == "all" else [args.variant]
+    configs = [resolve_run_config(params, variant, where=args.params or "defaults") for variant in variants]
+    open_prepared(args.prepared, params, args.params)
     try:
-        for variant in variants:
-            config = resolve_run_config(params, variant, where=args.params or "defaults")
+        for variant, config in zip(variants, configs):
             out = Path(args.out) / variant if args.variant == "all" else Path(args.out)
             if args.no_track:
                 result, where = train(config, args.prepared, args.split, out, progress=not args.quiet,
@@ -57,6 +70,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     cfg = tune_config(params, where=args.params, storage=args.storage, n_trials=args.n_trials,
                       workers=args.workers, seed=args.seed)
+    open_prepared(args.prepared, params, args.params)
     variants = cfg.variants if args.variant == "all" else (args.variant,)
     results = tune_variants(params, cfg, variants, args.prepared, args.split)
     print(f"tuned overrides -> {write_best(args.out, params.get('variants') or {}, results)}")
@@ -67,13 +81,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from cxrgaze.evaluate import evaluate
     from cxrgaze.experiment.evaluation import evaluate_tracked
 
-    config = eval_config({"evaluate": params_section(args.params, "evaluate")}, args.params, n_resamples=args.resamples)
+    params = load_params(args.params) if args.params else {}
+    config = eval_config(params, args.params, n_resamples=args.resamples)
     train_dir = Path(args.train_dir)
+    if not (train_dir / "best.pt").is_file():  # the model first: without one, the data does not matter
+        raise FileNotFoundError(f"{train_dir / 'best.pt'}: no such checkpoint (is --train-dir a training run's "
+                                "folder?)")
+    open_prepared(args.prepared, params, args.params)
     if args.no_track:
         result = evaluate(train_dir / "best.pt", args.prepared, args.split, args.out, config,
                           history_csv=train_dir / "history.csv", progress=not args.quiet)
         where = ""
     else:
+        from cxrgaze.experiment.training import flush_train_run
+
+        flush_train_run(train_dir)  # first what its training run missed while the tracking server was away
         result, run_id, model_uri = evaluate_tracked(train_dir, args.prepared, args.split, args.out,
                                                      config, progress=not args.quiet)
         where = f"; MLflow run {run_id}, model {model_uri}"

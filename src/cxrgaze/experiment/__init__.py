@@ -10,8 +10,10 @@ go through these:
   its ``metrics.json``, so no stage output holds a run id), :func:`register_evaluated`.
 - :mod:`~cxrgaze.experiment.trials`: a parent run per Optuna study, a child run per trial.
 - :mod:`~cxrgaze.experiment.report`: :func:`log_report` (run ``report``).
+- :mod:`~cxrgaze.experiment.delivery`: a training run's records through tracking outages
+  (:class:`TrackingGuard`: queued in the output folder, sent when the server answers again).
 
-:mod:`cxrgaze.tracking` holds the shared pieces (tags, run lookup, the outage guard);
+:mod:`cxrgaze.tracking` holds the shared pieces (tags, run lookup, ``run.json``);
 :mod:`cxrgaze.registry` and :mod:`cxrgaze.serving` own the registry and the pyfunc model.
 
 Import from the submodules: the package imports none of them, so that a DVC stage depends

@@ -4,11 +4,22 @@ The run is named after the variant, carries the resolved config and the data set
 params, :func:`cxrgaze.tracking.run_tags` as tags, every epoch as ``epoch_*`` metrics, and
 the SHA-256 of its ``best.pt`` (:data:`~cxrgaze.tracking.CHECKPOINT_TAG`). ``run.json``
 beside ``last.pt`` keeps the id, so an interrupted run that resumes continues the same run.
+
+A tracking server that stops during training costs seconds, not the run: what it does not
+get is kept in ``tracking_buffer.jsonl`` beside ``run.json`` and sent, with its steps and
+times, when it answers again (:mod:`cxrgaze.experiment.delivery`); until then the run has
+the tag ``cxrgaze.tracking_incomplete`` listing what it lacks and is not FINISHED, and
+``run.json`` says the same. A queue left over after training is sent by
+:func:`flush_train_run`: a resumed :func:`train_tracked` (the same ``cxrgaze train``
+again), ``cxrgaze evaluate`` of the folder, and the train stage (:func:`finish_train_run`)
+call it (the whole story: :mod:`cxrgaze.tracking_buffer`).
 """
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -19,9 +30,13 @@ from cxrgaze.checkpoint import config_variant, load_checkpoint
 from cxrgaze.config import DataConfig, RunConfig, from_mapping
 from cxrgaze.data.prepared import PreparedDir
 from cxrgaze.distributed import context_from_env
+from cxrgaze.experiment.delivery import INCOMPLETE_FIELDS, INCOMPLETE_TAG, TrackingGuard
+from cxrgaze.outlock import FolderInUse, output_lock
 from cxrgaze.runtime import resolve_device
-from cxrgaze.tracking import (CHECKPOINT_TAG, RUN_FILE, EpochLogger, TrackingGuard, file_digest, finite_metrics,
+from cxrgaze.tracking import (CHECKPOINT_TAG, RUN_FILE, EpochLogger, apply_http_defaults, file_digest, finite_metrics,
                               flatten, read_run_file, run_exists, run_tags, set_experiment, write_run_file)
+from cxrgaze.tracking_buffer import (BUFFER_FILE, Pending, Record, artifact_record, end_record, metrics_record,
+                                     params_record, summary, tags_record)
 from cxrgaze.train import TrainResult, train
 
 EPOCH_PREFIX = "epoch_"
@@ -68,81 +83,135 @@ def train_tracked(
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) rank 0 alone opens the MLflow run, logs and
     writes ``run.json``; the other ranks train without MLflow and return ``""`` as run id.
+    ``out_dir`` is held (:mod:`cxrgaze.outlock`) from before the run is opened until it ends.
     """
     out_dir = Path(out_dir)
-    variant = config.train.variant
     if not context_from_env().is_main:
         return train(config, prepared_dir, split_csv, out_dir, callbacks=callbacks, progress=progress,
                      resume=resume), ""
+    # Held before the MLflow run is opened: a second process refused by the lock must not
+    # reopen, log into or end the run of the process training in the folder.
+    with output_lock(out_dir):
+        return _train_tracked(config, prepared_dir, split_csv, out_dir, callbacks, progress, resume)
+
+
+def _train_tracked(config: RunConfig, prepared_dir: str | Path, split_csv: str | Path, out_dir: Path,
+                   callbacks: Iterable[Any], progress: bool, resume: bool) -> tuple[TrainResult, str]:
+    variant = config.train.variant
     set_experiment()
+    history = load_checkpoint(out_dir / "last.pt")["history"] if resume and (out_dir / "last.pt").exists() else []
     run_id = None
-    if resume and (out_dir / "last.pt").exists() and (out_dir / RUN_FILE).exists():
+    if history and (out_dir / RUN_FILE).exists():
         previous = read_run_file(out_dir)["run_id"]
         run_id = previous if run_exists(previous) else None
-    device = resolve_device(config.train.device)
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else variant)
-    guard = TrackingGuard()
-    if run_id is None:
-        guard.call("run tags", mlflow.set_tags, run_tags(variant, str(device)))
-        guard.call("run params", mlflow.log_params,
-                   {**run_params(config.as_dict()), **flatten({"data": data_params(prepared_dir)})})
-    write_run_file(out_dir, run_id=run.info.run_id, variant=variant)
+    planned = [f"epoch {k}" for k in range(len(history) + 1, config.train.epochs + 1)] + list(FINAL_ITEMS)
+    guard = _open_run(config, prepared_dir, out_dir, run_id, planned)
     logger = EpochLogger(prefix=EPOCH_PREFIX, guard=guard)
-    if run_id is not None:
-        guard.call("replay of checkpointed epochs", _replay_unlogged_epochs, run_id, out_dir / "last.pt", logger)
+    if run_id is not None and guard.flush():  # what the last process could not send, then what it never logged
+        guard.call("replay of checkpointed epochs", _replay_unlogged_epochs, run_id, history, logger)
     try:
         result = train(config, prepared_dir, split_csv, out_dir, callbacks=[logger, *callbacks],
                        progress=progress, resume=resume)
+        guard.send(*_final_records(result.best, result.best_epoch, out_dir))
+        missing = guard.settle()
     except BaseException as exc:
-        _end_run(guard, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        guard.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    guard.call("final metrics", mlflow.log_metrics,
-               {**{f"best_{k}": v for k, v in finite_metrics(result.best).items()}, "best_epoch": result.best_epoch + 1})  # 1-based
-    guard.call("history.csv", mlflow.log_artifact, str(out_dir / "history.csv"))
-    guard.call("checkpoint tag", mlflow.set_tags, {CHECKPOINT_TAG: file_digest(out_dir / "best.pt"),
-                                                   "cxrgaze.kind": "train"})
-    _end_run(guard, "FINISHED")
-    if guard.lost is not None:
-        write_run_file(out_dir, tracking_lost=guard.lost)
-        print(f"{variant}: training finished, but MLflow run {run.info.run_id} is incomplete (tracking lost at "
-              f"{guard.lost}); everything is in {out_dir}", file=sys.stderr)
-    return result, run.info.run_id
+    if missing is not None:
+        print(f"{variant}: training finished, but MLflow run {guard.run_id} is incomplete: it lacks {missing} "
+              f"(tracking lost at {guard.lost}). They are kept in {out_dir / BUFFER_FILE} and sent, with their "
+              f"steps and times, once the tracking server answers, by the same `cxrgaze train` again (nothing is "
+              f"trained again), `cxrgaze evaluate --train-dir {out_dir}` or `dvc repro`", file=sys.stderr)
+    return result, guard.run_id
 
 
-def finish_train_run(out_dir: str | Path) -> None:
-    """Close the training run of a finished ``out_dir`` (``best.pt``, ``metrics.json``) that a
-    kill left unclosed between the last file and the end of the run: tag its checkpoint and
-    end it FINISHED, as :func:`train_tracked` would have."""
+FINAL_ITEMS = ("final metrics", "history.csv", "checkpoint tag", "end of run")
+"""What a training run gets after its epochs (:func:`_final_records`), by name."""
+
+
+def _open_run(config: RunConfig, prepared_dir: str | Path, out_dir: Path, run_id: str | None,
+              planned: list[str]) -> TrackingGuard:
+    """Start the run of ``out_dir`` (resume ``run_id``), tagged with what it is still to get
+    (``planned``, and on a resume what the last process queued); ``run.json`` names it."""
+    variant, new = config.train.variant, run_id is None
+    if new:
+        tags = {**run_tags(variant, str(resolve_device(config.train.device))), INCOMPLETE_TAG: summary(planned)}
+        run_id = mlflow.start_run(run_name=variant, tags=tags).info.run_id
+        pending = Pending(out_dir / BUFFER_FILE, run_id)  # drops the queue of an earlier run
+        pending.planned = planned
+    else:
+        pending = Pending(out_dir / BUFFER_FILE, run_id, keep_end=False)  # the resumed run ends anew
+        pending.planned = planned
+        mlflow.start_run(run_id=run_id, tags={INCOMPLETE_TAG: summary(pending.missing())})
+    write_run_file(out_dir, drop=INCOMPLETE_FIELDS, run_id=run_id, variant=variant)
+    guard = TrackingGuard(run_id, out_dir, pending)
+    if new:
+        guard.send(params_record("run params", {**run_params(config.as_dict()),
+                                                **flatten({"data": data_params(prepared_dir)})}))
+    return guard
+
+
+def _final_records(best: dict[str, float], best_epoch: int, out_dir: Path) -> list[Record]:
+    """What a finished training sends after its epochs (:data:`FINAL_ITEMS`): the best
+    epoch's metrics (``best_*``, ``best_epoch`` 1-based), ``history.csv``, the checkpoint
+    tag and the end of the run, FINISHED."""
+    now = int(time.time() * 1000)
+    metrics = {**{f"best_{k}": v for k, v in finite_metrics(best).items()}, "best_epoch": best_epoch + 1}
+    return [metrics_record("final metrics", metrics, 0, now), artifact_record("history.csv"),
+            tags_record("checkpoint tag", {CHECKPOINT_TAG: file_digest(out_dir / "best.pt"), "cxrgaze.kind": "train"}),
+            end_record("FINISHED", now)]
+
+
+def flush_train_run(out_dir: str | Path) -> str | None:
+    """Send what the training run of ``out_dir`` did not get (its ``tracking_buffer.jsonl``,
+    :mod:`cxrgaze.tracking_buffer`) with the steps and times it was kept with; a run left
+    incomplete by a tracking outage ends FINISHED without its
+    :data:`~cxrgaze.experiment.delivery.INCOMPLETE_TAG` once everything arrived, and
+    ``run.json`` loses its ``tracking_*`` fields. Returns what the run still lacks (None:
+    nothing). A folder another process trains in is left to that process."""
     out_dir = Path(out_dir)
-    if not (out_dir / RUN_FILE).exists():
-        return
-    run_id = read_run_file(out_dir)["run_id"]
+    if not (out_dir / BUFFER_FILE).exists() or not (out_dir / RUN_FILE).exists():
+        return None
+    apply_http_defaults()
+    try:
+        with output_lock(out_dir):
+            guard = TrackingGuard(read_run_file(out_dir)["run_id"], out_dir, warn=False)
+            if guard.flush():
+                return None
+    except FolderInUse:
+        return read_run_file(out_dir).get("tracking_incomplete")
+    missing = summary(guard.pending.missing())
+    print(f"MLflow run {guard.run_id} still lacks {missing} ({mlflow.get_tracking_uri()}, {guard.lost}); "
+          f"kept in {out_dir / BUFFER_FILE}", file=sys.stderr)
+    return missing
 
-    def close() -> None:
-        client = mlflow.tracking.MlflowClient()
-        if run_exists(run_id) and client.get_run(run_id).info.status != "FINISHED":
-            client.set_tag(run_id, CHECKPOINT_TAG, file_digest(out_dir / "best.pt"))
-            client.set_tag(run_id, "cxrgaze.kind", "train")
-            client.set_terminated(run_id, "FINISHED")
 
-    TrackingGuard().call(f"closing run {run_id}", close)
+def finish_train_run(out_dir: str | Path) -> str | None:
+    """Bring the run of a finished ``out_dir`` (``best.pt``, ``metrics.json``) up to date:
+    send its queue (:func:`flush_train_run`), and when a kill came between the last file and
+    the end of the run, send the end as :func:`train_tracked` would have (final metrics,
+    ``history.csv``, checkpoint tag, FINISHED). Returns what the run still lacks (None: nothing)."""
+    out_dir = Path(out_dir)
+    missing = flush_train_run(out_dir)
+    if missing is not None or not (out_dir / RUN_FILE).exists():
+        return missing
+    guard = TrackingGuard(read_run_file(out_dir)["run_id"], out_dir)
+    if guard.call(f"closing run {guard.run_id}", _unfinished, guard.run_id):
+        metrics = json.loads((out_dir / "metrics.json").read_text())
+        best = {k: v for k, v in metrics.items() if k.startswith("val_")}
+        if not guard.send(*_final_records(best, int(metrics["best_epoch"]), out_dir)):
+            return summary(guard.pending.missing())
+    return None
 
 
-def _replay_unlogged_epochs(run_id: str, last_pt: Path, logger: EpochLogger) -> None:
-    """Log the checkpointed epochs the run lacks: a process killed between writing
-    ``last.pt`` and logging that epoch resumes after it."""
+def _unfinished(run_id: str) -> bool:
+    return run_exists(run_id) and MlflowClient().get_run(run_id).info.status != "FINISHED"
+
+
+def _replay_unlogged_epochs(run_id: str, history: list[dict[str, Any]], logger: EpochLogger) -> None:
+    """Log the checkpointed epochs (``history`` of ``last.pt``) the run lacks: a process
+    killed between writing ``last.pt`` and logging that epoch resumes after it."""
     logged = {m.step for m in MlflowClient().get_metric_history(run_id, f"{EPOCH_PREFIX}val_auc_macro")}
-    for record in load_checkpoint(last_pt)["history"]:
+    for record in history:
         if int(record["epoch"]) + 1 not in logged:  # steps are 1-based epoch numbers
             logger.on_epoch_end(record)
-
-
-def _end_run(guard: TrackingGuard, status: str) -> None:
-    """End the active run; when the store is gone, at least forget the run in this process
-    (so a next run can start)."""
-    guard.call("end of run", mlflow.end_run, status=status)
-    if mlflow.active_run() is not None:
-        try:
-            mlflow.end_run(status=status)  # pops the run first, then fails to reach the store
-        except Exception:  # noqa: BLE001 - already reported by the guard
-            pass
