@@ -91,9 +91,11 @@ def test_exp_run_set_param_reruns_later_stages_and_diffs_metrics(repo):
         assert r["tags"]["cxrgaze.dvc_experiment"] == "fewer-resamples"
         assert r["params"]["evaluate.n_resamples"] == "300"
         assert r["tags"]["mlflow.parentRunId"] in trained
-    for r in runs[:n_runs]:  # the baseline's runs are as they were
+    for r in runs[:n_runs]:  # the baseline's runs are as they were, their descriptions too
         if r["tags"].get("cxrgaze.evaluated") == "true":
             assert r["params"]["evaluate.n_resamples"] == "200" and "cxrgaze.dvc_experiment" not in r["tags"]
+        if r["id"] in trained:
+            assert not any(e["id"] in r["tags"]["mlflow.note.content"] for e in evaluations)
     report = [r for r in runs[n_runs:] if r["name"] == "report"]
     assert len(report) == 1 and report[0]["tags"]["cxrgaze.dvc_experiment"] == "fewer-resamples"
 
@@ -129,8 +131,9 @@ def test_push_clone_pull_is_clean_without_retraining(repo, tmp_path):
         assert f"Running stage 'train@{variant}'" not in out
     assert "Running stage 'register'" in out
     restored = [r for r in _runs(clone) if r["tags"].get("cxrgaze.restored_evaluation") == "true"]
-    assert sorted(r["name"] for r in restored) == sorted(VARIANTS)
+    assert sorted(r["name"] for r in restored) == sorted(f"{v} evaluation" for v in VARIANTS)
     assert all(r["tags"]["cxrgaze.evaluated"] == "true" for r in restored)
+    assert not any("mlflow.parentRunId" in r["tags"] for r in restored), "no training run in this store"
     decision = json.loads((clone / "outputs" / "register.json").read_text())
     assert set(decision["versions"]) == set(VARIANTS) and decision["champion_version"]
 

@@ -208,6 +208,13 @@ def test_the_experiment_opens_as_model_training_with_a_description(mlflow_store)
     found = client.search_runs([experiment_id], view["searchFilter"], order_by=[order])
     assert [r.info.run_name for r in found] == ["b evaluation", "a evaluation"]
     assert "metrics.`test_auc_macro_ci95_low`" in view["selectedColumns"]
+    # An older cxrgaze's description (and view) is replaced; a description the user wrote stays.
+    client.set_experiment_tag(experiment_id, "mlflow.note.content", "Chest X-ray classifiers (Normal / CHF / "
+                              "pneumonia) whose ... (an older version's text)")
+    client.delete_experiment_tag(experiment_id, "cxrgaze.note_sha256")
+    client.set_experiment_tag(experiment_id, "mlflow.sharedViewState.cxrgaze-results", "{}")
+    set_experiment()
+    assert client.get_experiment(experiment_id).tags == tags
     client.set_experiment_tag(experiment_id, "mlflow.note.content", "my own notes")
     set_experiment()
     assert client.get_experiment(experiment_id).tags["mlflow.note.content"] == "my own notes"

@@ -15,7 +15,13 @@ table. The state's keys are those of the UI's search facets and UI state (MLflow
 
 from __future__ import annotations
 
+import hashlib
 import json
+from typing import Mapping
+
+NOTE_MARKER_TAG = "cxrgaze.note_sha256"
+"""Experiment tag: the SHA-256 of the description cxrgaze last wrote, so that a newer
+cxrgaze replaces its own description but never one a user edited."""
 
 RESULTS_VIEW = "cxrgaze-results"
 """Share key of the results view (experiment tag ``mlflow.sharedViewState.cxrgaze-results``)."""
@@ -65,3 +71,23 @@ def experiment_tags(experiment_id: str) -> dict[str, str]:
         "- Registered model `cxrgaze`, alias `champion`: promoted by validation macro AUC.")
     return {"mlflow.experimentKind": "custom_model_development", "mlflow.note.content": description,
             f"mlflow.sharedViewState.{RESULTS_VIEW}": json.dumps(results_view())}
+
+
+def experiment_tag_updates(experiment_id: str, current: Mapping[str, str]) -> dict[str, str]:
+    """The tags to write on an experiment whose tags are ``current``: the kind and view when
+    they differ from this version's, and the description when there is none or it is one
+    cxrgaze wrote (its hash is :data:`NOTE_MARKER_TAG`'s; descriptions written before the
+    marker existed are recognised by their first words). A description the user edited stays."""
+    wanted = experiment_tags(experiment_id)
+    note = current.get("mlflow.note.content")
+    ours = note is None or _digest(note) == current.get(NOTE_MARKER_TAG) or (
+        NOTE_MARKER_TAG not in current and note.startswith("Chest X-ray classifiers (Normal / CHF / pneumonia)"))
+    if not ours:
+        wanted.pop("mlflow.note.content")
+    elif note != wanted["mlflow.note.content"]:
+        wanted[NOTE_MARKER_TAG] = _digest(wanted["mlflow.note.content"])
+    return {k: v for k, v in wanted.items() if current.get(k) != v}
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

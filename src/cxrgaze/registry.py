@@ -184,7 +184,7 @@ def promotion_rule(cfg: RegisterConfig) -> str:
     """The registered model's description: what the versions are and how ``champion`` moves."""
     gate = (", ".join(f"{k} = {v}" for k, v in cfg.gate.items() if v not in (None, False))
             if gate_active(cfg.gate) else "none")
-    return (f"cxrgaze chest X-ray classifiers (Normal / CHF / pneumonia), one version per evaluated training run.\n\n"
+    return (f"cxrgaze chest X-ray classifiers (Normal / CHF / pneumonia), one version per evaluation run.\n\n"
             f"**Promotion rule.** The alias `{cfg.alias}` goes to the candidate with the highest `{cfg.metric}` "
             f"(validation split; test data never steers promotion), only when it beats the current "
             f"`{cfg.alias}` by more than {cfg.min_delta} on the same data and validation cases (when the data "

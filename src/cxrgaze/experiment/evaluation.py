@@ -71,7 +71,8 @@ def _log_evaluation(parent: str | None, train_dir: Path, out_dir: Path, figures:
                     params: dict[str, str] | None = None, tags: dict[str, str] | None = None) -> str:
     """Log an evaluation's files (``out_dir``), figures and servable model into the active
     run, tag it evaluated (and with ``tags``), and write its headline into its description
-    and the training run's (``parent``); returns the model's URI."""
+    and, when that run is of this revision and DVC experiment, the training run's
+    (``parent``); returns the model's URI."""
     metrics = json.loads((out_dir / "metrics.json").read_text())
     mlflow.log_metrics(finite_metrics(metrics))
     for figure in figures:
@@ -84,7 +85,9 @@ def _log_evaluation(parent: str | None, train_dir: Path, out_dir: Path, figures:
     description = run_description(train_dir / "best.pt", metrics, info.model_uri)
     mlflow.set_tags({**(tags or {}), EVALUATED_TAG: "true", "cxrgaze.model_uri": info.model_uri,
                      EVALUATION_TAG: file_digest(out_dir / "metrics.json"), NOTE_TAG: description})
-    if parent is not None:  # a tag, not a metric: the training run's times stay its own
+    if parent is not None and same_context(MlflowClient().get_run(parent).data.tags):
+        # The training's own revision and DVC experiment only (not a `dvc exp run` re-evaluating
+        # the baseline's checkpoints); a tag, not a metric: the training run's times stay its own.
         MlflowClient().set_tag(parent, NOTE_TAG, f"{description}\n\nEvaluated in run "
                                                  f"`{mlflow.active_run().info.run_id}` (nested below).")
     return info.model_uri

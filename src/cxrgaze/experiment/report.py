@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from cxrgaze.experiment.evaluation import evaluation_run, seed_runs
 from cxrgaze.report import Report
-from cxrgaze.tracking import NOTE_TAG, finite_metrics, flatten, run_tags, set_experiment
+from cxrgaze.tracking import NOTE_TAG, finite_metrics, flatten, run_tags, same_context, set_experiment
 
 
 def log_report(report: Report, eval_root: str | Path, paths: dict[str, Path], params: dict | None = None) -> str:
@@ -72,7 +72,8 @@ PAIRED_HEADING = "**Paired differences** (test macro AUC, this variant minus the
 
 def log_paired(run_id: str, refs: dict[str, dict[str, float]]) -> None:
     """Log the paired differences against each reference into an evaluation run, and write
-    them into its description and its training run's, replacing those of an earlier report.
+    them into its description and, when that run is of this revision and DVC experiment, its
+    training run's, replacing those of an earlier report.
     Through the client, without reopening: the runs' times stay those of their own work."""
     client = MlflowClient()
     now = int(time.time() * 1000)
@@ -82,8 +83,9 @@ def log_paired(run_id: str, refs: dict[str, dict[str, float]]) -> None:
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
     lines = [f"- vs `{ref}`: {_signed(p['difference'])} [{_signed(p['low'])}, {_signed(p['high'])}], "
              f"p = {_plain(p['p_value'])}" for ref, p in refs.items()]
-    run = client.get_run(run_id)
-    for target in filter(None, (run_id, run.data.tags.get("mlflow.parentRunId"))):
+    parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+    targets = [run_id, *([parent] if parent and same_context(client.get_run(parent).data.tags) else [])]
+    for target in targets:  # (a baseline's training run keeps its own report's differences)
         note = client.get_run(target).data.tags.get(NOTE_TAG, "").split(f"\n\n{PAIRED_HEADING}")[0]
         client.set_tag(target, NOTE_TAG, "\n".join([f"{note}\n\n{PAIRED_HEADING}", *lines]))
 
