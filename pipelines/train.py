@@ -2,16 +2,20 @@
 
 Usage (from dvc.yaml):
   python pipelines/train.py VARIANT PREPARED_DIR SPLIT_CSV TUNED_YAML OUT_DIR RESUME_DIR
-Reads params.yaml: model, loss, train (``train.seeds``: one run per seed), variants;
-TUNED_YAML (the `tune` stage's output) may override them for VARIANT (tuned loss weights).
+Reads params.yaml: model, loss, train (``train.seeds``: one run per seed;
+``train.micro_batches``: the shards each global batch is cut into, which the run config
+carries to ``train``), variants; TUNED_YAML (the `tune` stage's output) may override them
+for VARIANT (tuned loss weights).
 
 Each seed is its own MLflow run (experiment `cxrgaze`, run name = variant, param
 train.seed, tagged with the SHA-256 of its ``best.pt``: `evaluate` finds it by that) and
 ends as OUT_DIR/seed<S>/ with ``best.pt``, ``history.csv`` and ``metrics.json``: files that
-depend only on the inputs, so the same params and data give the same ``dvc.lock``
-anywhere and DVC's run cache can restore the stage (which it does only for a stage
-whose every output is cached: the curves of every seed, a DVC plot committed to git, are
-written by `report` into metrics/history/<variant>.csv).
+depend only on the inputs and the torch thread count (float summation order; ``metrics.json``
+records it, with the world size and shard count: README "Several GPUs: torchrun"), so
+the same params and data give the same ``dvc.lock`` on machines alike and DVC's run cache
+can restore the stage (which it does only for a stage whose every output is cached: the
+curves of every seed, a DVC plot committed to git, are written by `report` into
+metrics/history/<variant>.csv).
 
 Resuming lives outside the stage's output: a seed trains in RESUME_DIR/seed<S>/ (with
 ``last.pt`` written every epoch and ``run.json``, the MLflow run to continue), which is

@@ -259,3 +259,157 @@ def test_the_queue_keeps_its_run_order_and_says_what_is_missing(tmp_path, capsys
     mine.records.clear()
     mine.save()
     assert not path.exists()
+
+
+def _held_by_another_process(folder):
+    """A child process holding ``folder``'s output lock (:mod:`cxrgaze.outlock`) until killed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time\nfrom cxrgaze.outlock import output_lock\n"
+            "with output_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def _queued_run(folder, run_id, *records):
+    """``folder`` as a training left it for ``run_id``: ``run.json`` and a queue of ``records``."""
+    from cxrgaze.tracking import write_run_file
+
+    write_run_file(folder, run_id=run_id, variant="baseline")
+    pending = Pending(folder / BUFFER_FILE, run_id)
+    pending.add(*records)
+    pending.save()
+
+
+def test_a_refused_resume_and_a_finished_folder_leave_the_run_as_it_was(tiny_prepared, mlflow_store, tmp_path):
+    """Issue item 2: the same training again on a finished folder does not reopen its
+    FINISHED run (no new end time, no second best_* or history.csv); another config is
+    refused with the train loop's one line before MLflow is touched."""
+    prepared, split = tiny_prepared
+    out = tmp_path / "train"
+    _, run_id = train_tracked(_config(epochs=1), prepared, split, out, progress=False)
+    client = MlflowClient()
+    before = client.get_run(run_id)
+    assert before.info.status == "FINISHED"
+    time.sleep(0.01)
+    result, again = train_tracked(_config(epochs=1), prepared, split, out, progress=False)
+    assert again == run_id and len(result.history) == 1
+    after = client.get_run(run_id)
+    assert after.info.status == "FINISHED" and after.info.end_time == before.info.end_time
+    assert len(client.get_metric_history(run_id, "best_epoch")) == 1
+    assert len(client.get_metric_history(run_id, "epoch_val_auc_macro")) == 1
+    assert [a.path for a in client.list_artifacts(run_id)] == ["history.csv"]
+    with pytest.raises(ValueError, match="written by a run with a different config; .*--no-resume"):
+        train_tracked(_config(epochs=2), prepared, split, out, progress=False)
+    refused = client.get_run(run_id)
+    assert refused.info.status == "FINISHED" and refused.info.end_time == before.info.end_time
+    assert INCOMPLETE_TAG not in refused.data.tags
+    assert len(client.search_runs([before.info.experiment_id])) == 1
+
+
+def test_run_exists_tells_a_missing_run_from_an_unreachable_store(mlflow_store, tmp_path, monkeypatch):
+    """Issue item 5: only "no such run" (or deleted) is False; a store that does not answer
+    is a TrackingError, and the train stage's finish_train_run then says the run may still
+    lack its end (so the stage keeps the resume folder) instead of None."""
+    from cxrgaze.experiment.training import finish_train_run
+    from cxrgaze.tracking import TrackingError, run_exists, set_experiment, write_run_file
+
+    client = MlflowClient()
+    experiment = set_experiment()
+    live, gone = (client.create_run(experiment).info.run_id for _ in range(2))
+    client.delete_run(gone)
+    assert run_exists(live) and not run_exists(gone) and not run_exists("0" * 32)
+    write_run_file(tmp_path / "train", run_id=live)
+
+    from conftest import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    with pytest.raises(TrackingError, match=f"cannot read run {live}"):
+        run_exists(live)
+    missing = finish_train_run(tmp_path / "train")
+    assert missing is not None and missing.startswith("end of run")
+
+
+def test_a_crash_or_a_flushed_queue_leaves_no_incomplete_tag(tiny_prepared, mlflow_store, tmp_path):
+    """Issue item 6: a training that crashes with nothing queued ends FAILED without the
+    tag (its planned epochs are not an outage's loss); a queue without an end record,
+    once delivered, removes the tag."""
+    prepared, split = tiny_prepared
+
+    class Crash:
+        def on_epoch_end(self, record):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        train_tracked(_config(epochs=2), prepared, split, tmp_path / "crash", callbacks=[Crash()], progress=False)
+    client = MlflowClient()
+    run = client.get_run(json.loads((tmp_path / "crash" / "run.json").read_text())["run_id"])
+    assert run.info.status == "FAILED" and INCOMPLETE_TAG not in run.data.tags
+
+    # issue item 2 on an unfinished run: a resume that train() would refuse (another
+    # config, a prepared folder that is not one) leaves the run as the crash left it
+    with pytest.raises(ValueError, match="written by a run with a different config; .*--no-resume"):
+        train_tracked(_config(epochs=3), prepared, split, tmp_path / "crash", progress=False)
+    with pytest.raises(FileNotFoundError):
+        train_tracked(_config(epochs=2), tmp_path / "no-prepared", split, tmp_path / "crash", progress=False)
+    again = client.get_run(run.info.run_id)
+    assert (again.info.status, again.info.end_time, again.data.tags) == (run.info.status, run.info.end_time,
+                                                                         run.data.tags)
+
+    run_id = client.create_run(run.info.experiment_id, tags={INCOMPLETE_TAG: "epoch 2"}).info.run_id
+    _queued_run(tmp_path / "queued", run_id, metrics_record("epoch 2", {"x": 2.0}, 2, 20))
+    assert flush_train_run(tmp_path / "queued") is None
+    assert INCOMPLETE_TAG not in client.get_run(run_id).data.tags
+    assert [m.step for m in client.get_metric_history(run_id, "x")] == [2]
+
+
+def test_a_record_the_store_refuses_for_good_is_set_aside(mlflow_store, tmp_path, capfd):
+    """Issue item 7: a param the run already has with another value (INVALID_PARAMETER_VALUE)
+    and an artifact whose file is gone are named once each, moved to the rejected file, and
+    the rest of the queue is delivered."""
+    from cxrgaze.tracking import set_experiment
+    from cxrgaze.tracking_buffer import REJECTED_FILE, artifact_record, params_record
+
+    client = MlflowClient()
+    run_id = client.create_run(set_experiment()).info.run_id
+    client.log_param(run_id, "a", "1")
+    folder = tmp_path / "train"
+    _queued_run(folder, run_id, params_record("run params", {"a": "2"}), artifact_record("gone.csv"),
+                metrics_record("epoch 1", {"x": 1.0}, 1, 10))
+    assert flush_train_run(folder) is None
+    assert [m.step for m in client.get_metric_history(run_id, "x")] == [1]
+    assert not (folder / BUFFER_FILE).exists()
+    rejected = [json.loads(line) for line in (folder / REJECTED_FILE).read_text().splitlines()]
+    assert [r["what"] for r in rejected] == ["run params", "gone.csv"]
+    err = capfd.readouterr().err
+    assert f"MLflow run {run_id} refused run params" in err and f"MLflow run {run_id} refused gone.csv" in err
+
+
+def test_a_folder_another_process_holds_is_not_closed(mlflow_store, tmp_path):
+    """Issue item 15: while another process holds the folder, finish_train_run is refused
+    with FolderInUse and the run is left RUNNING; flush_train_run says it sent nothing."""
+    from cxrgaze.experiment.training import finish_train_run
+    from cxrgaze.outlock import FolderInUse
+    from cxrgaze.tracking import set_experiment
+
+    client = MlflowClient()
+    run_id = client.create_run(set_experiment()).info.run_id
+    folder = tmp_path / "train"
+    _queued_run(folder, run_id, metrics_record("epoch 1", {"x": 1.0}, 1, 10))
+    (folder / "best.pt").write_bytes(b"weights")
+    (folder / "history.csv").write_text("epoch\n0\n")
+    (folder / "metrics.json").write_text(json.dumps({"best_epoch": 0, "val_auc_macro": 0.5}))
+    proc = _held_by_another_process(folder)
+    try:
+        assert flush_train_run(folder) is not None
+        with pytest.raises(FolderInUse):
+            finish_train_run(folder)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and "x" not in run.data.metrics

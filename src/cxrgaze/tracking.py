@@ -31,10 +31,9 @@ import os
 import platform
 import subprocess
 import time
-from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import mlflow
 from mlflow.entities import Metric
@@ -42,7 +41,7 @@ from mlflow.tracking import MlflowClient
 
 from cxrgaze import DATA_VERSION_ENV
 from cxrgaze.errors import reason
-from cxrgaze.mlflow_ui import experiment_tags
+from cxrgaze.mlflow_ui import experiment_tag_updates
 
 EXPERIMENT = "cxrgaze"
 """The MLflow experiment of every cxrgaze run (overridable with ``MLFLOW_EXPERIMENT_NAME``)."""
@@ -96,9 +95,8 @@ def set_experiment(name: str | None = None) -> str:
     apply_http_defaults()
     try:
         experiment = mlflow.set_experiment(name)
-        missing = {k: v for k, v in experiment_tags(experiment.experiment_id).items() if k not in experiment.tags}
-        for key, value in missing.items():  # a description the user wrote is kept
-            MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+        for key, value in experiment_tag_updates(experiment.experiment_id, experiment.tags).items():
+            MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)  # (a user's description stays)
         return experiment.experiment_id
     except Exception as exc:  # noqa: BLE001 - any store failure is one user-facing reason
         raise TrackingError(f"MLflow tracking store {mlflow.get_tracking_uri()}: "
@@ -274,19 +272,17 @@ def read_run_file(out_dir: str | Path) -> dict[str, Any]:
 
 
 def run_exists(run_id: str) -> bool:
-    """Whether the current tracking store holds ``run_id`` (not deleted)."""
+    """Whether the current tracking store holds ``run_id`` (not deleted): False only when the
+    store says it has no such run or the run is deleted; :class:`TrackingError` when the store
+    cannot say (unreachable, 503, database locked...), so that a transient failure never
+    passes for a missing run."""
     try:
         return MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
-    except mlflow.exceptions.MlflowException:
-        return False
-
-
-@contextmanager
-def resumed_run(run_id: str) -> Iterator[mlflow.ActiveRun]:
-    """Re-open an existing run; it ends FINISHED, or FAILED when the block raises
-    (KILLED on Ctrl-C), like ``mlflow.start_run``."""
-    if not run_exists(run_id):
-        raise TrackingError(f"MLflow run {run_id} is not in the tracking store {mlflow.get_tracking_uri()} "
-                            "(was mlflow.db deleted or MLFLOW_TRACKING_URI changed?)")
-    with mlflow.start_run(run_id=run_id) as run:
-        yield run
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise TrackingError(f"MLflow tracking store {mlflow.get_tracking_uri()}: cannot read run {run_id} "
+                            f"({reason(exc)})") from exc
+    except Exception as exc:  # noqa: BLE001 - any store failure is one user-facing reason
+        raise TrackingError(f"MLflow tracking store {mlflow.get_tracking_uri()}: cannot read run {run_id} "
+                            f"({reason(exc)})") from exc

@@ -45,6 +45,10 @@ from typing import Any, Iterable
 BUFFER_FILE = "tracking_buffer.jsonl"
 """The queue of a training output folder: one JSON record a line, oldest first."""
 
+REJECTED_FILE = "tracking_buffer.rejected.jsonl"
+"""Beside :data:`BUFFER_FILE`: the records the store refused for good (a run or value it
+rejects, an artifact whose file is gone), set aside so that the rest of the queue goes on."""
+
 Record = dict[str, Any]
 
 

@@ -11,18 +11,20 @@ that send a queue left over after training, is in :mod:`cxrgaze.tracking_buffer`
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from cxrgaze.errors import reason
 from cxrgaze.tracking import write_run_file
-from cxrgaze.tracking_buffer import BUFFER_FILE, Pending, Record, metrics_record, summary
+from cxrgaze.tracking_buffer import BUFFER_FILE, REJECTED_FILE, Pending, Record, metrics_record, summary
 
 INCOMPLETE_TAG = "cxrgaze.tracking_incomplete"
 """Tag of a run that has not received everything yet: what it lacks, e.g. ``epochs 2-3,
@@ -36,6 +38,10 @@ INCOMPLETE_FIELDS = ("tracking_incomplete", "tracking_buffer", "tracking_lost")
 
 END_RETRY_WAITS = (2.0, 5.0)
 """Seconds before each last attempt to send a run's queue when its training has ended."""
+
+REJECTED_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+"""MLflow error codes of a record the store refuses for good (not an outage): the record is
+set aside in :data:`~cxrgaze.tracking_buffer.REJECTED_FILE` and the queue goes on."""
 
 
 class TrackingGuard:
@@ -78,8 +84,12 @@ class TrackingGuard:
             try:
                 _deliver(client, self.run_id, record, self.folder, summary(self.pending.missing(after=1)))
             except Exception as exc:  # noqa: BLE001 - any tracking failure is reported, never fatal
-                self._lose(record["what"], exc)
-                break
+                if not rejected(exc):
+                    self._lose(record["what"], exc)
+                    break
+                self._reject(record, exc)
+                self.pending.records.pop(0)
+                continue
             self.pending.records.pop(0)
             late += [record["what"]] if len(late) < backlog else []
         self.pending.save()
@@ -114,23 +124,33 @@ class TrackingGuard:
         if not self.pending.records:
             return None
         missing = summary(self.pending.missing())
-        self.end("FAILED", {INCOMPLETE_TAG: missing})
+        self.end("FAILED", missing)
         return missing
 
-    def end(self, status: str, tags: Mapping[str, str] | None = None) -> None:
-        """End the run ``status`` (and tag it) if the store answers; in any case it is this
-        process's active run no more (so a next run can start). Nothing is queued: a
-        resumed run ends anew, and a queue left over ends the run as it says."""
+    def end(self, status: str, missing: str = "") -> None:
+        """End the run ``status`` if the store answers, with :data:`INCOMPLETE_TAG` set to
+        ``missing`` (removed when nothing is); in any case it is this process's active run no
+        more (so a next run can start). Nothing is queued: a resumed run ends anew, and a
+        queue left over ends the run as it says."""
         try:
-            active = mlflow.active_run()
-            if active is not None and active.info.run_id == self.run_id:
-                mlflow.end_run(status)  # pops the run first, then reaches the store
+            client = MlflowClient()
+            end_run(client, self.run_id, status)
+            if missing:
+                client.set_tag(self.run_id, INCOMPLETE_TAG, missing)
             else:
-                MlflowClient().set_terminated(self.run_id, status)
-            for key, value in (tags or {}).items():
-                MlflowClient().set_tag(self.run_id, key, value)
+                drop_incomplete_tag(client, self.run_id)
         except Exception:  # noqa: BLE001 - the store is away: the queue and run.json say the rest
             pass
+
+    def _reject(self, record: Record, exc: Exception) -> None:
+        """Set aside a record the store refuses for good (:func:`rejected`): one line on
+        stderr, the record appended to :data:`~cxrgaze.tracking_buffer.REJECTED_FILE`."""
+        path = self.folder / REJECTED_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        print(f"WARNING: MLflow run {self.run_id} refused {record['what']} ({reason(exc)}); moved to {path}, "
+              "the rest of the queue goes on", file=sys.stderr)
 
     def _lose(self, what: str, exc: Exception) -> None:
         if self.lost is not None:
@@ -142,9 +162,37 @@ class TrackingGuard:
                   "server answers again", file=sys.stderr)
 
 
+def rejected(exc: BaseException) -> bool:
+    """Whether the store refused a record for good (:data:`REJECTED_CODES`, or an artifact
+    whose file is gone), not for an outage: retrying it would block the queue forever."""
+    if isinstance(exc, MlflowException):
+        return exc.error_code in REJECTED_CODES
+    return isinstance(exc, FileNotFoundError)
+
+
+def end_run(client: MlflowClient, run_id: str, status: str, end_time: int | None = None) -> None:
+    """End ``run_id`` ``status``: this process's active run through :func:`mlflow.end_run`
+    (it pops the run first, then reaches the store, so a next run can start even when the
+    store is away), any other through the client (at ``end_time``, ms; now when None)."""
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        mlflow.end_run(status)
+    else:
+        client.set_terminated(run_id, status, end_time)
+
+
+def drop_incomplete_tag(client: MlflowClient, run_id: str) -> None:
+    """Remove :data:`INCOMPLETE_TAG` from ``run_id`` (nothing when it has none)."""
+    try:
+        client.delete_tag(run_id, INCOMPLETE_TAG)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+
+
 def _deliver(client: MlflowClient, run_id: str, record: Record, folder: Path, missing: str) -> None:
     """Send one record; a batch also sets :data:`INCOMPLETE_TAG` to ``missing`` (what the
-    run lacks once it has this record)."""
+    run lacks once it has this record), or removes it when nothing is."""
     ahead = [RunTag(INCOMPLETE_TAG, missing)] if missing else []
     kind = record["kind"]
     if kind == "metrics":
@@ -155,14 +203,15 @@ def _deliver(client: MlflowClient, run_id: str, record: Record, folder: Path, mi
     elif kind == "tags":
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()] + ahead)
     elif kind == "artifact":
-        client.log_artifact(run_id, str(folder / record["path"]), record.get("artifact_path"))
+        path = folder / record["path"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        client.log_artifact(run_id, str(path), record.get("artifact_path"))
     elif kind == "end":
-        if INCOMPLETE_TAG in client.get_run(run_id).data.tags:
-            client.delete_tag(run_id, INCOMPLETE_TAG)
-        active = mlflow.active_run()
-        if active is not None and active.info.run_id == run_id:
-            mlflow.end_run(record["status"])  # pops first: a failure leaves the record queued
-        else:
-            client.set_terminated(run_id, record["status"], record.get("end_time"))
+        drop_incomplete_tag(client, run_id)
+        end_run(client, run_id, record["status"], record.get("end_time"))  # a failure leaves the record queued
+        return
     else:
         raise ValueError(f"{folder / BUFFER_FILE}: unknown record kind {kind!r}")
+    if not missing:
+        drop_incomplete_tag(client, run_id)
