@@ -25,7 +25,7 @@ from conftest import tool_env
 from cxrgaze.cli import main
 from cxrgaze.config import ConfigError, EvalConfig, from_mapping, resolve_run_config, tune_config
 from cxrgaze.config.core import check_value
-from cxrgaze.data.prepared import PreparedDataError, PreparedDir
+from cxrgaze.data.prepared import PreparedDataError, PreparedDir, read_manifest_csv
 
 TINY = {"model": {"encoder": "tu-tinynet_e", "decoder_channels": [32, 16, 16, 8, 8]},
         "train": {"epochs": 1, "batch_size": 16, "lr": 0.003, "device": "cpu"}}
@@ -97,8 +97,13 @@ def not_an_array(folder: Path) -> str:
     return r"images\.npy: not a \.npy array file \(.*\); rerun `cxrgaze prepare`$"
 
 
+def empty_manifest(folder: Path) -> str:
+    (folder / "manifest.csv").write_text("")
+    return r"manifest\.csv: not a readable CSV \(No columns to parse from file\); rerun `cxrgaze prepare`$"
+
+
 FAULTS = [fewer_gaze_rows, truncated_images, bytes_appended_to_gaze, deleted_gaze, float32_images, smaller_gaze_maps,
-          not_an_array]
+          not_an_array, empty_manifest]
 
 
 @pytest.fixture
@@ -184,7 +189,17 @@ def test_a_separate_process_prints_one_line_and_no_traceback(broken, tmp_path):
     ({"variants": {"set3-gbp": {"loss": {"gamma": "x"}}}}, "set3-gbp",
      "variants.set3-gbp.loss.gamma: 'x' is not a number"),
     ({"variants": {"set3-gbp": {"loss": {"gamma": 2}}}}, "set3-gbp",
-     "variants.set3-gbp.loss: loss.gamma must be in [0, 1], got 2"),
+     "variants.set3-gbp.loss.gamma must be in [0, 1], got 2"),
+    ({"variants": {"unet": {"train": {"lr": -1}}}}, "unet", "variants.unet.train.lr must be positive, got -1"),
+    # Sections the command does not use are checked too (every setting, where it is loaded).
+    ({"variants": {"unet": {}, "set3-gbp": {"loss": {"gamma": "x"}}}}, "unet",
+     "variants.set3-gbp.loss.gamma: 'x' is not a number"),
+    ({"variants": {"unet": {}, "set3-gbp": 5}}, "unet", "variants.set3-gbp: 5 is not a mapping"),
+    ({"variants": {"unet": {}, "set9-gbp": {}}}, "unet", "variants.set9-gbp: unknown variant 'set9-gbp'"),
+    ({"evaluate": {"n_resamples": "x"}}, "unet", "evaluate.n_resamples: 'x' is not an integer"),
+    ({"register": {"min_delta": 2}}, "unet", "register.min_delta must be in [0, 1), got 2"),
+    ({"tune": {"n_trials": "many"}}, "unet", "tune.n_trials: 'many' is not an integer"),
+    ({"split": {"seed": "x"}}, "unet", "split.seed: 'x' is not an integer"),
     ({"data": {"image_size": 0}}, "unet", "data.image_size must be at least 8, got 0"),
     ({"data": {"image_size": 64}}, "unet",
      "data.image_size: 64, but {images} holds 32x32 images; rerun `cxrgaze prepare` or set data.image_size: 32"),
@@ -196,7 +211,8 @@ def test_train_refuses_bad_settings_in_one_line(params, variant, message, tiny_p
     path = write_params(tmp_path, {**TINY, **params, "train": {**TINY["train"], **params.get("train", {})}})
     line = one_line_error(capsys, train_argv(prepared, split, path, tmp_path / "out", variant))
     folder = PreparedDir(prepared)
-    assert line == f"cxrgaze train: error: {path}: " + message.format(images=folder.images_path, meta=folder.meta_path)
+    expected = f"cxrgaze train: error: {path}: " + message.format(images=folder.images_path, meta=folder.meta_path)
+    assert line.startswith(expected) if "unknown variant" in message else line == expected, line
     assert not (tmp_path / "out" / "last.pt").exists()
 
 
@@ -239,3 +255,32 @@ def test_a_number_yaml_reads_as_a_string_is_still_a_number():
     params = yaml.safe_load("train:\n  lr: 1e-4\n")
     assert params["train"]["lr"] == "1e-4"
     assert resolve_run_config(params, "unet").train.lr == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n", b"\xff\xfe\x00\x81 not text \x00\x9f"])
+def test_an_unreadable_manifest_is_refused_naming_the_file(content, tmp_path):
+    path = tmp_path / "manifest.csv"
+    path.write_bytes(content)
+    with pytest.raises(PreparedDataError) as caught:
+        read_manifest_csv(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: not a readable CSV (") and message.endswith("); rerun `cxrgaze prepare`")
+    assert len(message.splitlines()) == 1, message
+
+
+def test_the_dvc_stages_check_every_section_of_params_yaml(tiny_prepared, tmp_path):
+    """A stage refuses a bad setting of a section it does not read (the split stage, a bad
+    ``evaluate`` and a bad override of a variant), in one line."""
+    prepared, _ = tiny_prepared
+    root = Path(__file__).resolve().parents[1]
+    for params, message in [({"evaluate": {"n_resamples": "x"}}, "evaluate.n_resamples: 'x' is not an integer"),
+                            ({"variants": {"set3-gbp": {"loss": {"gamma": 2}}}},
+                             "variants.set3-gbp.loss.gamma must be in [0, 1], got 2")]:
+        path = write_params(tmp_path, params)
+        proc = subprocess.run([sys.executable, str(root / "pipelines" / "split.py"), str(prepared),
+                               str(tmp_path / "split.csv"), str(tmp_path / "counts.json")],
+                              env={**tool_env(), "CXRGAZE_PARAMS": str(path)}, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines() == [f"stage split: error: {path}: {message}"]
+        assert not (tmp_path / "split.csv").exists()

@@ -6,13 +6,16 @@
   Under ``torchrun`` the ranks of one job share the folder and are refused together.
 * A tune worker killed mid-trial on a ``journal:`` storage (no Optuna heartbeat there):
   the next worker marks its trial FAIL, queues it again, and the study reaches
-  ``n_trials`` trials.
+  ``n_trials`` trials. With ``--workers 2`` and the second worker killed, the parent reaps
+  it at once (a zombie must not look alive) and the study still ends; past ``MAX_RETRY``
+  the trial is said not to be retried.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,9 +31,9 @@ from optuna.trial import TrialState
 from cxrgaze.checkpoint import load_checkpoint
 from cxrgaze.cli import main as cli_main
 from cxrgaze.config import tune_config
-from cxrgaze.outlock import LOCK_FILE, acquire, output_lock, release
-from cxrgaze.tune.storage import TRIAL_RUN_ATTR, WORKER_ATTR, live_trials, open_study
-from cxrgaze.tune.worker import run_worker
+from cxrgaze.outlock import LOCK_FILE, acquire, output_lock, process_alive, process_start, release
+from cxrgaze.tune.storage import MAX_RETRY, TRIAL_RUN_ATTR, WORKER_ATTR, live_trials, open_study
+from cxrgaze.tune.worker import _Worker, run_worker
 
 from conftest import free_port, tool_env
 
@@ -177,8 +180,9 @@ def test_a_torchrun_job_into_a_busy_folder_stops_on_every_rank(tiny_prepared, tm
     with output_lock(out):  # this test process is the live owner
         proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    refusals = [line for line in proc.stderr.splitlines()
-                if line.startswith("cxrgaze train: error: ") and f"process {os.getpid()} on host" in line]
+    # (the ranks share one stderr: found by pattern, not by line, in case their writes interleave)
+    refusals = [m for m in re.findall(r"cxrgaze train: error: .*?or use another output folder", proc.stderr)
+                if f"process {os.getpid()} on host" in m]
     assert len(refusals) == 2, proc.stderr[-4000:]  # one per rank, the same line
     assert len(set(refusals)) == 1
     assert sorted(p.name for p in out.iterdir()) == [], "nothing written"
@@ -244,3 +248,124 @@ def test_a_killed_journal_worker_s_trial_is_failed_and_retried(tiny_prepared, ml
         error, = con.execute("SELECT value FROM tags WHERE run_uuid = ? AND key = 'cxrgaze.error'",
                              (stale.user_attrs[TRIAL_RUN_ATTR],)).fetchone()
     assert status == "FAILED" and error == f"worker process {worker.pid} on {socket.gethostname()} is gone"
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``, oldest first."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[1]) == pid:
+                kids.append((int(fields[19]), int(entry.name)))
+    return [k for _, k in sorted(kids)]
+
+
+def _spawned_workers(pid: int) -> list[int]:
+    """The multiprocessing (spawn) workers of process ``pid``, in the order they started
+    (the resource tracker left out)."""
+    workers = []
+    for kid in _children(pid):
+        try:
+            cmdline = Path(f"/proc/{kid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            workers.append(kid)
+    return workers
+
+
+@pytest.mark.slow
+def test_a_killed_second_journal_worker_is_reaped_and_the_study_completes(tiny_prepared, mlflow_store, tmp_path):
+    """``tune --workers 2`` on a journal file, worker 1 (not the first) killed with kill -9
+    mid-trial: the parent reaps it at once (no zombie that looks alive), worker 0 fails its
+    trial, runs the retry, and the study reaches ``n_trials`` instead of waiting forever."""
+    prepared, split = tiny_prepared
+    journal = tmp_path / "optuna.journal"
+    params = {**TUNE_PARAMS, "tune": {"variants": ["set3-gbp"], "n_trials": 2, "epochs": 1, "n_startup_trials": 10,
+                                      "n_warmup_steps": 0, "heartbeat_interval": 1,
+                                      "space": {"alpha": {"low": 0.0, "high": 1.0}}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, "-m", "cxrgaze.cli", "tune", "--variant", "set3-gbp", "--params",
+           str(tmp_path / "params.yaml"), "--prepared", str(prepared), "--split", str(split),
+           "--out", str(tmp_path / "best.yaml"), "--storage", f"journal:{journal}", "--workers", "2"]
+    env = {**tool_env(), "OMP_NUM_THREADS": "1"}
+    tune = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        second: list[int] = []
+
+        def second_worker_runs_a_trial() -> bool:
+            if not second:
+                workers = _spawned_workers(tune.pid)
+                if len(workers) < 2:
+                    return False
+                second.append(workers[1])
+            return any(t.state == TrialState.RUNNING and (t.user_attrs.get(WORKER_ATTR) or {}).get("pid") == second[0]
+                       for t in _journal_trials(journal))
+
+        _wait_for(second_worker_runs_a_trial, "the second worker's trial", tune)
+        os.kill(second[0], signal.SIGKILL)  # kill -9 mid-trial
+        try:
+            out, err = tune.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the study never ended: the other worker waits for the killed one's trial")
+    finally:
+        if tune.poll() is None:
+            os.killpg(tune.pid, signal.SIGKILL)
+            tune.wait()
+    assert f"tune-set3-gbp-1 (exit {-signal.SIGKILL})" in err, err[-3000:]
+    trials = _journal_trials(journal)
+    killed = [t for t in trials if (t.user_attrs.get(WORKER_ATTR) or {}).get("pid") == second[0]]
+    assert [t.state for t in killed] == [TrialState.FAIL]
+    assert "marked FAIL and queued again" in out, out[-3000:]
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    live = live_trials(optuna.load_study(study_name="cxrgaze-set3-gbp", storage=storage))
+    assert [t.state for t in live] == [TrialState.COMPLETE] * 2, "n_trials reached"
+
+
+def test_a_zombie_process_is_not_alive():
+    """An exited child not yet reaped (a zombie) still answers ``kill(pid, 0)``: it must
+    count as gone, or its trial looks running forever."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        _wait_for(lambda: Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+                  "the child to exit", timeout=30)
+        os.kill(pid, 0)  # a zombie: the signal still reaches it
+        assert not process_alive(pid)
+        assert not process_alive(pid, process_start(pid))
+    finally:
+        os.waitpid(pid, 0)
+    assert process_alive(os.getpid(), process_start(os.getpid()))
+
+
+def test_a_dead_worker_s_trial_past_max_retry_is_not_said_to_be_queued(tmp_path, capsys):
+    journal = tmp_path / "optuna.journal"
+    params = {**TUNE_PARAMS, "tune": {"storage": f"journal:{journal}", "variants": ["set3-gbp"], "n_trials": 1}}
+    cfg = tune_config(params)
+    study = open_study(cfg, "set3-gbp")
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)  # a process of this host that is gone
+    for _ in range(MAX_RETRY):  # trial 0 and its retries, each lost its worker
+        study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))
+    trial = study.ask()  # the last retry allowed, its worker gone too
+    trial.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": pid, "started": None})
+    study._storage.set_trial_system_attr(trial._trial_id, "retry_history", list(range(MAX_RETRY)))
+    study._storage.set_trial_system_attr(trial._trial_id, "failed_trial", 0)
+
+    worker = _Worker.__new__(_Worker)  # only what _next_action uses: no MLflow, no training
+    worker.study, worker.cfg, worker.heartbeat = study, cfg, False
+    assert worker._next_action() == "stop"
+    out = capsys.readouterr().out
+    assert (f"cxrgaze-set3-gbp: trial {trial.number} lost its worker (process gone); marked FAIL, not retried "
+            f"(MAX_RETRY={MAX_RETRY} reached)") in out.splitlines(), out
+    assert "queued again" not in out
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL] * (MAX_RETRY + 1), "nothing queued"

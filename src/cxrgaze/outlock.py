@@ -42,19 +42,29 @@ def this_host() -> str:
     return socket.gethostname()
 
 
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first); None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:].split()
+    except (OSError, ValueError):
+        return None
+
+
 def process_start(pid: int) -> int | None:
     """The start time of process ``pid`` in clock ticks since boot (``/proc``; None where
     unknown): with the pid it names one process, even after the pid is reused."""
+    fields = _proc_stat(pid)
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat[stat.rindex(")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
+        return None if fields is None else int(fields[19])
+    except (ValueError, IndexError):
         return None
 
 
 def process_alive(pid: int, started: int | None = None) -> bool:
     """Whether process ``pid`` of this host runs (and, when both are known, is the one that
-    started at ``started``)."""
+    started at ``started``). A zombie (exited, not yet reaped by its parent: state ``Z`` or
+    ``X`` in ``/proc``) does not run, though ``kill(pid, 0)`` still reaches it."""
     if pid <= 0:
         return False
     try:
@@ -63,6 +73,9 @@ def process_alive(pid: int, started: int | None = None) -> bool:
         return False
     except PermissionError:
         pass  # alive, another user's
+    fields = _proc_stat(pid)
+    if fields and fields[0] in ("Z", "X"):
+        return False
     now = process_start(pid)
     return started is None or now is None or now == started
 

@@ -10,14 +10,23 @@ import argparse
 import os
 from pathlib import Path
 
-from cxrgaze.config import DataConfig, SplitConfig, from_mapping, load_params
+from cxrgaze.config import DataConfig, SplitConfig, check_params, from_mapping, load_params
+
+
+def read_params(params_path: str | None) -> dict:
+    """The mapping of a params file, every section checked (:func:`cxrgaze.config.check_params`:
+    also those the command does not use); {} when no file is given."""
+    if params_path is None:
+        return {}
+    params = load_params(params_path)
+    check_params(params, params_path)
+    return params
 
 
 def params_section(params_path: str | None, section: str) -> dict:
-    """The ``section`` mapping of a params file, or {} when no file is given/present."""
-    if params_path is None:
-        return {}
-    return dict(load_params(params_path).get(section) or {})
+    """The ``section`` mapping of a params file (checked whole: :func:`read_params`), or {}
+    when no file is given."""
+    return dict(read_params(params_path).get(section) or {})
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -26,6 +35,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     from cxrgaze.config import overlay
 
     merged = overlay(load_params(args.base), load_params(args.profile))
+    check_params(merged, f"{args.base} + {args.profile}")
     text = (f"# {args.base} with the overlay {args.profile} (written by `cxrgaze profile`; "
             f"`git checkout {args.base}` restores the original)\n" + yaml.safe_dump(merged, sort_keys=False))
     if args.out == "-":

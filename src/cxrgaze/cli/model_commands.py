@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cxrgaze.config import load_params
+from cxrgaze.cli.data_commands import read_params
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     from cxrgaze.report import build_report, read_tuning, write_report
 
-    params = load_params(args.params) if args.params else {}
+    params = read_params(args.params)
     variants = args.variants or list(params.get("variants") or {}) or sorted(
         p.name for p in Path(args.eval_root).iterdir() if (p / "metrics.json").exists())
     from cxrgaze.config import eval_config
@@ -31,7 +31,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_register(args: argparse.Namespace) -> None:
     from cxrgaze.experiment.evaluation import register_evaluated
 
-    params = load_params(args.params) if args.params else {}
+    params = read_params(args.params)
     variants = args.variants or list(params.get("variants") or {})
     register = dict(params.get("register") or {})
     if args.min_delta is not None:

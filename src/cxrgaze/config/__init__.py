@@ -11,8 +11,10 @@ what is expected (``params.yaml: train.lr: 'fast' is not a number``).
 - :mod:`cxrgaze.config.run`: ``model``, ``loss``, ``train``, ``variants.<name>`` -> :class:`RunConfig`.
 - :mod:`cxrgaze.config.evaluate`: ``evaluate`` and ``register``.
 - :mod:`cxrgaze.config.tune`: ``tune``.
+- :mod:`cxrgaze.config.check`: :func:`check_params`, every section of a params file at once.
 """
 
+from cxrgaze.config.check import check_params
 from cxrgaze.config.core import ConfigError, from_mapping, load_params, load_section, non_negative, overlay, to_dict
 from cxrgaze.config.data import DataConfig, SplitConfig
 from cxrgaze.config.evaluate import EvalConfig, RegisterConfig, eval_config
@@ -26,5 +28,5 @@ __all__ = [
     "DataConfig", "SplitConfig", "EvalConfig", "RegisterConfig", "eval_config",
     "LossConfig", "ModelConfig", "RunConfig", "TrainConfig", "resolve_run_config", "run_seeds",
     "SPACE_TARGETS", "TUNABLE_VARIANTS", "SearchRange", "TuneConfig", "storage_kind", "tune_config", "variant_space",
-    "VARIANTS",
+    "VARIANTS", "check_params",
 ]

@@ -160,11 +160,19 @@ def _number(value: Any) -> Any:
 
 def _located(where: str, message: str) -> str:
     """A dataclass's own error ``message`` placed under ``where`` (``"FILE: section"``),
-    without naming the section twice: ``params.yaml: train.lr must be positive, got -1``."""
+    without naming the section twice: ``params.yaml: train.lr must be positive, got -1``.
+    The dataclass names its keys from its own section (``train.lr``); under a deeper
+    section (``params.yaml: variants.unet.train``) they get its full path:
+    ``params.yaml: variants.unet.train.lr must be positive, got -1``."""
     if not where or message.startswith(where):
         return message
     file, _, section = where.rpartition(": ")
-    if re.match(rf"{re.escape(section)}\b", message):
+    last = section.rpartition(".")[2]
+    own = re.escape(last)
+    if re.match(rf"{own}\b", message):
+        if section != last:
+            message = re.sub(rf"(?<![\w.-]){own}\.", lambda _: f"{section}.", message)
+            message = re.sub(rf"^{own}\b(?!\.)", lambda _: section, message)
         return f"{file}: {message}" if file else message
     return f"{where}: {message}"
 

@@ -35,11 +35,15 @@ class PreparedDataError(ValueError):
 
 
 def read_manifest_csv(path: str | Path) -> pd.DataFrame:
-    """A ``manifest.csv`` with ids and labels as strings; FileNotFoundError naming the file."""
+    """A ``manifest.csv`` with ids and labels as strings; FileNotFoundError naming the file,
+    :class:`PreparedDataError` naming it when it is empty or no CSV."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such manifest (run `cxrgaze prepare` first)")
-    return pd.read_csv(path, dtype=MANIFEST_DTYPES)
+    try:
+        return pd.read_csv(path, dtype=MANIFEST_DTYPES)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise PreparedDataError(f"{path}: not a readable CSV ({first_line(exc)}); {RERUN}") from None
 
 
 def read_npy_header(path: str | Path) -> tuple[tuple[int, ...], np.dtype]:

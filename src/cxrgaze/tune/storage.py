@@ -16,6 +16,7 @@ lock across machines).
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import os
@@ -90,12 +91,18 @@ def _rdb_storage(cfg: TuneConfig) -> optuna.storages.RDBStorage:
                                           heartbeat_stale_trial_callback=_retry_stale_trial)
 
 
-def _retry_stale_trial(study: optuna.Study, trial: FrozenTrial, why: str = "worker stopped sending heartbeats") -> None:
-    """Heartbeat-stale trial (its worker died): end its MLflow run FAILED, queue it again."""
+def _retry_stale_trial(study: optuna.Study, trial: FrozenTrial, why: str = "worker stopped sending heartbeats") -> bool:
+    """Heartbeat-stale trial (its worker died): end its MLflow run FAILED, queue it again
+    unless it was retried :data:`MAX_RETRY` times already; returns whether it was queued."""
     end_stale_trial_run(trial.user_attrs.get(TRIAL_RUN_ATTR), TrialState.FAIL.name, why)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, trial)
+        # Optuna's callback returns without queueing once the retry history is this long.
+        retried = len(optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(trial)) < MAX_RETRY
+        # A copy: the callback appends to the trial's own retry-history list, and a storage's
+        # cached trial edited so would then count as replaced by a retry (live_trials).
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, copy.deepcopy(trial))
+    return retried
 
 
 def claim_trial(trial: optuna.Trial) -> None:
@@ -116,10 +123,11 @@ def worker_status(trial: FrozenTrial) -> str:
     return "running" if process_alive(worker["pid"], worker.get("started")) else "gone"
 
 
-def fail_dead_workers_trials(study: optuna.Study) -> list[int]:
+def fail_dead_workers_trials(study: optuna.Study) -> list[tuple[int, bool]]:
     """Journal storage: mark the RUNNING trials of dead workers (:func:`worker_status`) FAIL and
     queue them again with the same parameters (as a stale heartbeat does on SQLite and
-    PostgreSQL); returns their numbers. Call while holding the gate."""
+    PostgreSQL; not once :data:`MAX_RETRY` retries are used up); returns their numbers, each
+    with whether it was queued again. Call while holding the gate."""
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if worker_status(trial) != "gone":
@@ -133,8 +141,8 @@ def fail_dead_workers_trials(study: optuna.Study) -> list[int]:
         frozen = study._storage.get_trial(trial._trial_id)
         if frozen.state != TrialState.FAIL:
             continue
-        _retry_stale_trial(study, frozen, f"worker process {worker.get('pid', '?')} on {worker.get('host', '?')} is gone")
-        failed.append(trial.number)
+        why = f"worker process {worker.get('pid', '?')} on {worker.get('host', '?')} is gone"
+        failed.append((trial.number, _retry_stale_trial(study, frozen, why)))
     return failed
 
 

@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import warnings
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -101,6 +102,16 @@ def _log_summary(study: optuna.Study, result: StudyResult) -> None:
     end_study_run(run_id, note)
 
 
+def _reap(procs: list[multiprocessing.process.BaseProcess]) -> None:
+    """Join ``procs`` as each exits, in whatever order: a worker killed while an earlier one
+    still runs must not stay a zombie (its trial would look running and the others would
+    wait for it forever)."""
+    pending = {proc.sentinel: proc for proc in procs}
+    while pending:
+        for sentinel in wait(list(pending)):
+            pending.pop(sentinel).join()
+
+
 def run_study(params: Mapping[str, Any], cfg: TuneConfig, variant: str, prepared: str | Path,
               split_csv: str | Path) -> StudyResult:
     """Tune ``variant`` with ``cfg.workers`` processes on this machine until its study holds
@@ -122,8 +133,7 @@ def run_study(params: Mapping[str, Any], cfg: TuneConfig, variant: str, prepared
                  for k in range(cfg.workers)]
         for proc in procs:
             proc.start()
-        for proc in procs:
-            proc.join()
+        _reap(procs)
         failed = [f"{p.name} (exit {p.exitcode})" for p in procs if p.exitcode != 0]
         if failed:
             raise RuntimeError(f"tune worker(s) failed: {', '.join(failed)}; see their output above")

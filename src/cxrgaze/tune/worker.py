@@ -34,7 +34,7 @@ from cxrgaze.runtime import resolve_device
 from cxrgaze.tracking import flatten
 from cxrgaze.train import train
 from cxrgaze.tune.overrides import as_overrides, merge_overrides
-from cxrgaze.tune.storage import (CONFIG_ATTR, PARENT_RUN_ATTR, TRIAL_RUN_ATTR, claim_trial,
+from cxrgaze.tune.storage import (CONFIG_ATTR, MAX_RETRY, PARENT_RUN_ATTR, TRIAL_RUN_ATTR, claim_trial,
                                   display_storage, fail_dead_workers_trials, gate, held, live_trials, open_study,
                                   trial_sampler, worker_status)
 
@@ -138,9 +138,9 @@ class _Worker:
                 warnings.simplefilter("ignore", ExperimentalWarning)
                 optuna.storages.fail_stale_trials(self.study)
         else:
-            for number in fail_dead_workers_trials(self.study):
-                print(f"{self.study.study_name}: trial {number} lost its worker (process gone); marked FAIL and "
-                      "queued again")
+            for number, retried in fail_dead_workers_trials(self.study):
+                outcome = " and queued again" if retried else f", not retried (MAX_RETRY={MAX_RETRY} reached)"
+                print(f"{self.study.study_name}: trial {number} lost its worker (process gone); marked FAIL{outcome}")
         trials = live_trials(self.study)
         waiting = [t.number for t in trials if t.state == TrialState.WAITING]
         if len(trials) < self.cfg.n_trials or waiting:
