@@ -63,14 +63,34 @@ so every rank agrees on the best epoch), prints progress, writes ``best.pt``, ``
 
 Every function here is a no-op (or the identity) without an initialised process group of
 more than one rank, so single-process code calls them unconditionally.
+
+Failing loudly instead of hanging
+=================================
+
+``CXRGAZE_DIST_TIMEOUT`` (:data:`TIMEOUT_ENV`, seconds, default 600) is the process
+group's timeout: a collective that some rank does not join within it fails. The
+collectives here turn a gloo/NCCL failure into :class:`RankSilent`, one line naming the
+rank(s) that went silent (the survivors mark themselves in the job's store for a few
+seconds; the ranks that never do are named) and whether they timed out or left (a killed
+rank closes its connections: the others fail at once). Before training, the ranks compare
+what they start from (:func:`all_gather_object`, :mod:`cxrgaze.train.agreement`) and all
+stop with one :class:`RanksDisagree` where they differ. Under ``torchrun`` rank 0
+(the one with the MLflow run) turns SIGTERM, which torchrun sends the survivors when a
+rank dies, into :class:`Terminated`, so the run ends KILLED instead of staying RUNNING.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import signal
+import threading
+import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from datetime import timedelta
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -144,12 +164,103 @@ def init_from_env(device: str | torch.device = "cpu") -> DistContext:
             raise RuntimeError(f"the initialised process group (rank {dist.get_rank()} of {dist.get_world_size()}) "
                                f"disagrees with RANK={ctx.rank}, WORLD_SIZE={ctx.world_size}")
         return ctx
+    timeout = timedelta(seconds=timeout_seconds())
     if device.type == "cuda":
         torch.cuda.set_device(ctx.local_rank)
-        dist.init_process_group(backend="nccl", device_id=torch.device("cuda", ctx.local_rank))
+        dist.init_process_group(backend="nccl", device_id=torch.device("cuda", ctx.local_rank), timeout=timeout)
     else:
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend="gloo", timeout=timeout)
+    if ctx.is_main:
+        _raise_on_sigterm()
     return ctx
+
+
+TIMEOUT_ENV = "CXRGAZE_DIST_TIMEOUT"
+"""Seconds a collective waits for every rank before the job fails (:data:`DEFAULT_TIMEOUT`)."""
+DEFAULT_TIMEOUT = 600.0
+
+
+def timeout_seconds(environ: Mapping[str, str] | None = None) -> float:
+    """The process-group timeout: ``CXRGAZE_DIST_TIMEOUT`` seconds, 600 when unset."""
+    text = (os.environ if environ is None else environ).get(TIMEOUT_ENV, "").strip()
+    try:
+        seconds = float(text) if text else DEFAULT_TIMEOUT
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"{TIMEOUT_ENV}={text!r}: must be a positive number of seconds")
+    return seconds
+
+
+class RankSilent(RuntimeError):
+    """A collective failed: a rank stopped answering (timeout) or left the job."""
+
+
+class RanksDisagree(RuntimeError):
+    """The ranks of one job start from different states (resume point, config, data)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received (torchrun stops the survivors this way when a rank fails)."""
+
+
+def _raise_on_sigterm() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the failure path must not be cut short
+        raise Terminated(f"rank {dist.get_rank() if dist.is_initialized() else 0} received SIGTERM: torchrun stops "
+                         "the job's ranks when one of them fails (see its error above)")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+_FAULT_KEY = "cxrgaze/fault/"
+
+
+def _silent_ranks(rank: int, world_size: int, wait: float) -> list[int]:
+    """The ranks that do not mark themselves in the job's store within ``wait`` seconds
+    (every survivor of a broken collective marks itself), else those that gave up before
+    this one (and left); [] when the store is unreachable."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"{_FAULT_KEY}{rank}", "1")
+        deadline = time.monotonic() + wait
+        while True:
+            silent = [r for r in range(world_size) if not store.check([f"{_FAULT_KEY}{r}"])]
+            if not silent or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        gone = [r for r in range(world_size) if r != rank and store.check([f"{_FAULT_KEY}gone/{r}"])]
+        store.set(f"{_FAULT_KEY}gone/{rank}", "1")
+        return silent or gone
+    except Exception:  # the store went with the job: name no one rather than guess
+        return []
+
+
+@contextmanager
+def _guarded(what: str) -> Iterator[None]:
+    """Turn the failure of collective ``what`` into :class:`RankSilent` naming the silent rank(s)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if isinstance(exc, (RankSilent, RanksDisagree)):
+            raise
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group is broken: end the run, then exit
+        rank, world_size, text = dist.get_rank(), dist.get_world_size(), str(exc)
+        timed_out = re.search(r"time[d ]?\s*out", text, re.I) is not None
+        silent = _silent_ranks(rank, world_size, min(5.0, timeout_seconds()))
+        who = ("rank " if len(silent) == 1 else "ranks ") + ", ".join(map(str, silent)) if silent else "another rank"
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text.strip() else type(exc).__name__)
+        detail = detail.split(". ")[0][:160]  # gloo's first sentence, without its advice
+        if timed_out:
+            message = (f"{who} did not answer within {timeout_seconds():g} s ({TIMEOUT_ENV}) in {what}; "
+                       f"rank {rank} stops the job (gloo: {detail})")
+        else:
+            message = f"{who} left the job during {what}; rank {rank} stops the job ({detail})"
+        raise RankSilent(message) from exc
 
 
 def is_active() -> bool:
@@ -182,7 +293,8 @@ def all_reduce_(tensors: Sequence[Tensor]) -> None:
     """Sum each tensor over the ranks, in place (one collective per device and dtype).
     Every rank must pass tensors of the same shapes in the same order."""
     if is_active() and tensors:
-        _coalesced(tensors, dist.all_reduce)
+        with _guarded("an all-reduce"):
+            _coalesced(tensors, dist.all_reduce)
 
 
 def all_reduce_gradients(model: nn.Module, weight: float | None = None) -> None:
@@ -202,7 +314,8 @@ def all_reduce_gradients(model: nn.Module, weight: float | None = None) -> None:
     if not is_active():
         return
     present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=_collective_device())
-    dist.all_reduce(present)
+    with _guarded("the all-reduce of gradients"):
+        dist.all_reduce(present)
     for p, count in zip(params, present.tolist()):
         if count > 0 and p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -215,7 +328,8 @@ def all_reduce_sums(values: Mapping[str, float]) -> dict[str, float]:
     if not is_active() or not values:
         return dict(values)
     t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(t)
+    with _guarded("an all-reduce"):
+        dist.all_reduce(t)
     return dict(zip(values.keys(), t.tolist()))
 
 
@@ -224,19 +338,32 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with _guarded(f"a broadcast from rank {src}"):
+        dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in one process."""
+    if not is_active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    with _guarded("the start-up check of the ranks"):
+        dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_module(model: nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s parameters and buffers into every rank's ``model``."""
     if is_active():
-        _coalesced([*model.parameters(), *model.buffers()], lambda flat: dist.broadcast(flat, src=src))
+        with _guarded(f"a broadcast from rank {src}"):
+            _coalesced([*model.parameters(), *model.buffers()], lambda flat: dist.broadcast(flat, src=src))
 
 
 def barrier() -> None:
     if is_active():
-        dist.barrier()
+        with _guarded("a barrier"):
+            dist.barrier()
 
 
 def destroy() -> None:

@@ -33,9 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("CXRGAZE_DEBUG"):
             raise
         message = first_line(exc)
-        print(f"cxrgaze {args.command}: error: {message}", file=sys.stderr)
+        sys.stderr.write(f"cxrgaze {args.command}: error: {message}\n")  # one write: ranks of a job share stderr
+        sys.stderr.flush()
         return 2
-    except KeyboardInterrupt:
-        print(f"cxrgaze {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM under torchrun (cxrgaze.distributed.Terminated)
+        print(f"cxrgaze {args.command}: interrupted" + (f": {first_line(exc)}" if str(exc).strip() else ""),
+              file=sys.stderr)
         return 130
     return 0

@@ -91,6 +91,10 @@ def _add_training_commands(add: Add) -> None:
     p.add_argument("--params", default=None, help="read model/loss/train/variants from this params.yaml")
     p.add_argument("--epochs", type=int, default=None, help="replaces train.epochs")
     p.add_argument("--batch-size", type=int, default=None, help="the global batch; replaces train.batch_size")
+    p.add_argument("--micro-batches", type=int, default=None, metavar="N",
+                   help="cut each process's part of a global batch into N shards run in turn, accumulating "
+                   "their gradients: one process computes what N torchrun ranks do (batch-norm statistics and "
+                   "dropout per shard); replaces train.micro_batches (default 1)")
     p.add_argument("--lr", type=float, default=None, help="replaces train.lr")
     p.add_argument("--seed", type=int, default=None, help="train this one seed (replaces train.seed and train.seeds)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")

@@ -9,17 +9,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cxrgaze.config import DataConfig, from_mapping, load_params
+from cxrgaze.config import DataConfig, check_params, from_mapping, load_params
 from cxrgaze.variants import VARIANTS
 
 
 def open_prepared(prepared: str, params: dict, params_path: str | None) -> None:
-    """Refuse, before any work, an inconsistent prepared folder (:meth:`PreparedDir.check`)
-    and a params file whose ``data`` section is invalid or contradicts the folder
+    """Refuse, before any work, a params file with a bad setting in any section, also one
+    the command does not use (:func:`cxrgaze.config.check_params`), an inconsistent prepared
+    folder (:meth:`PreparedDir.check`) and a ``data`` section that contradicts the folder
     (:meth:`PreparedDir.check_settings`): ``train``, ``tune`` and ``evaluate`` read the
     arrays, never ``data``, so such a section would otherwise be ignored in silence."""
     from cxrgaze.data.prepared import PreparedDir
 
+    if params_path:
+        check_params(params, params_path)
     folder = PreparedDir(prepared)
     folder.check()
     if params_path and "data" in params:
@@ -32,7 +35,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from cxrgaze.train import train
 
     params = load_params(args.params) if args.params else {}
-    for key in ("epochs", "device", "batch_size", "lr"):
+    for key in ("epochs", "device", "batch_size", "micro_batches", "lr"):
         if getattr(args, key) is not None:
             params.setdefault("train", {})
             params["train"] = {**(params["train"] or {}), key: getattr(args, key)}

@@ -106,6 +106,13 @@ class TrainConfig:
     epochs: int = 35
     """Reference U-Net: 35 (baseline: 20)."""
     batch_size: int = 32
+    micro_batches: int = 1
+    """Micro-batches per process (``cxrgaze train --micro-batches N``): each global batch is
+    cut into ``world_size * micro_batches`` contiguous shards and a process runs its
+    shards in turn, accumulating their gradients. One process with ``N`` computes what
+    ``N`` ``torchrun`` ranks do (batch-norm statistics and dropout masks per shard), and is
+    gradient accumulation when a global batch does not fit in memory. 1: one forward and
+    backward of the whole batch per process."""
     lr: float = 0.0090552
     """Reference U-Net: 0.0090552 (baseline: 0.006486)."""
     optimizer: str = "adam"
@@ -149,6 +156,8 @@ class TrainConfig:
             raise ConfigError(f"train.epochs and train.batch_size must be positive, got {self.epochs}, {self.batch_size}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) or self.micro_batches < 1:
+            raise ConfigError(f"train.micro_batches must be a positive integer, got {self.micro_batches!r}")
         if self.optimizer not in ("adam", "adamw"):
             raise ConfigError(f"train.optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
         if self.scheduler not in ("none", "cyclic"):

@@ -1,6 +1,7 @@
 """Training as an MLflow run (:func:`train_tracked`), and the prepared data's settings as params.
 
-The run is named after the variant, carries the resolved config and the data settings as
+The run is named after the variant, carries the resolved config, the data settings and
+the run's layout (``runtime.world_size``, ``runtime.shards``, ``runtime.threads``) as
 params, :func:`cxrgaze.tracking.run_tags` as tags, every epoch as ``epoch_*`` metrics, and
 the SHA-256 of its ``best.pt`` (:data:`~cxrgaze.tracking.CHECKPOINT_TAG`). ``run.json``
 beside ``last.pt`` keeps the id, so an interrupted run that resumes continues the same run.
@@ -30,14 +31,17 @@ from cxrgaze.checkpoint import config_variant, load_checkpoint
 from cxrgaze.config import DataConfig, RunConfig, from_mapping
 from cxrgaze.data.prepared import PreparedDir
 from cxrgaze.distributed import context_from_env
+from cxrgaze.errors import reason
 from cxrgaze.experiment.delivery import INCOMPLETE_FIELDS, INCOMPLETE_TAG, TrackingGuard
 from cxrgaze.outlock import FolderInUse, output_lock
 from cxrgaze.runtime import resolve_device
-from cxrgaze.tracking import (CHECKPOINT_TAG, RUN_FILE, EpochLogger, apply_http_defaults, file_digest, finite_metrics,
-                              flatten, read_run_file, run_exists, run_tags, set_experiment, write_run_file)
+from cxrgaze.tracking import (CHECKPOINT_TAG, RUN_FILE, EpochLogger, TrackingError, apply_http_defaults, file_digest,
+                              finite_metrics, flatten, read_run_file, run_exists, run_tags, set_experiment,
+                              write_run_file)
 from cxrgaze.tracking_buffer import (BUFFER_FILE, Pending, Record, artifact_record, end_record, metrics_record,
                                      params_record, summary, tags_record)
 from cxrgaze.train import TrainResult, train
+from cxrgaze.train.loop import run_layout
 
 EPOCH_PREFIX = "epoch_"
 """Per-epoch metrics are ``epoch_val_auc_macro``, ``epoch_train_loss``...: the evaluation's
@@ -70,6 +74,13 @@ def data_params(prepared_dir: str | Path) -> dict[str, Any]:
         return {}
 
 
+def runtime_params(config: RunConfig) -> dict[str, str]:
+    """``runtime.world_size``, ``runtime.shards`` and ``runtime.threads`` of a run started
+    in this process (:func:`cxrgaze.train.loop.run_layout`): not settings, but what its
+    results depend on besides them (the ``metrics.json`` of the run has the same)."""
+    return flatten({"runtime": run_layout(context_from_env().world_size, config.train.micro_batches)})
+
+
 def train_tracked(
     config: RunConfig,
     prepared_dir: str | Path,
@@ -99,11 +110,16 @@ def _train_tracked(config: RunConfig, prepared_dir: str | Path, split_csv: str |
                    callbacks: Iterable[Any], progress: bool, resume: bool) -> tuple[TrainResult, str]:
     variant = config.train.variant
     set_experiment()
-    history = load_checkpoint(out_dir / "last.pt")["history"] if resume and (out_dir / "last.pt").exists() else []
+    last = load_checkpoint(out_dir / "last.pt") if resume and (out_dir / "last.pt").exists() else None
+    history = last["history"] if last is not None else []
     run_id = None
-    if history and (out_dir / RUN_FILE).exists():
-        previous = read_run_file(out_dir)["run_id"]
-        run_id = previous if run_exists(previous) else None
+    if history:
+        _check_resume(last, config, prepared_dir, out_dir)  # refused before the run is touched
+        if (out_dir / RUN_FILE).exists():
+            previous = read_run_file(out_dir)["run_id"]
+            run_id = previous if run_exists(previous) else None
+    if run_id is not None and _trained(run_id, history, config, out_dir):
+        return _flush_trained(config, prepared_dir, split_csv, out_dir, callbacks, progress, resume), run_id
     planned = [f"epoch {k}" for k in range(len(history) + 1, config.train.epochs + 1)] + list(FINAL_ITEMS)
     guard = _open_run(config, prepared_dir, out_dir, run_id, planned)
     logger = EpochLogger(prefix=EPOCH_PREFIX, guard=guard)
@@ -115,7 +131,11 @@ def _train_tracked(config: RunConfig, prepared_dir: str | Path, split_csv: str |
         guard.send(*_final_records(result.best, result.best_epoch, out_dir))
         missing = guard.settle()
     except BaseException as exc:
-        guard.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        guard.pending.planned = []  # never produced: the run lacks only what the store did not take
+        lacks = summary(guard.pending.missing())
+        if lacks:
+            write_run_file(out_dir, tracking_incomplete=lacks)
+        guard.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED", lacks)
         raise
     if missing is not None:
         print(f"{variant}: training finished, but MLflow run {guard.run_id} is incomplete: it lacks {missing} "
@@ -123,6 +143,45 @@ def _train_tracked(config: RunConfig, prepared_dir: str | Path, split_csv: str |
               f"steps and times, once the tracking server answers, by the same `cxrgaze train` again (nothing is "
               f"trained again), `cxrgaze evaluate --train-dir {out_dir}` or `dvc repro`", file=sys.stderr)
     return result, guard.run_id
+
+
+def _check_resume(last: dict[str, Any], config: RunConfig, prepared_dir: str | Path, out_dir: Path) -> None:
+    """What :func:`cxrgaze.train.train` checks before it resumes, checked before the run of
+    ``out_dir`` is reopened: a resume it would refuse must leave that run as it is."""
+    if _without_micro_batches(last["config"]) != _without_micro_batches(config.as_dict()):
+        raise ValueError(f"{out_dir / 'last.pt'}: written by a run with a different config; "
+                         "delete the folder or train with --no-resume to start over")
+    PreparedDir(prepared_dir).check()
+
+
+def _without_micro_batches(config: dict[str, Any]) -> dict[str, Any]:
+    """As the train loop compares configs: ``train.micro_batches`` may change on a resume."""
+    return {**config, "train": {k: v for k, v in config["train"].items() if k != "micro_batches"}}
+
+
+def _trained(run_id: str, history: list[dict[str, Any]], config: RunConfig, out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds a finished training (its run FINISHED, or every epoch in
+    ``last.pt`` and ``best.pt`` and ``metrics.json`` written): nothing to reopen its run for."""
+    if all((out_dir / name).exists() for name in ("best.pt", "metrics.json")) and len(history) >= config.train.epochs:
+        return True
+    try:
+        return MlflowClient().get_run(run_id).info.status == "FINISHED"
+    except Exception as exc:  # noqa: BLE001 - any store failure is one user-facing reason
+        raise TrackingError(f"MLflow tracking store {mlflow.get_tracking_uri()}: cannot read run {run_id} "
+                            f"({reason(exc)})") from exc
+
+
+def _flush_trained(config: RunConfig, prepared_dir: str | Path, split_csv: str | Path, out_dir: Path,
+                   callbacks: Iterable[Any], progress: bool, resume: bool) -> TrainResult:
+    """The same ``cxrgaze train`` on a finished folder: nothing is trained again and its run
+    is not reopened; what the run still lacks is sent through the client
+    (:func:`finish_train_run`: the queue, and the end of a run killed before it)."""
+    result = train(config, prepared_dir, split_csv, out_dir, callbacks=callbacks, progress=progress, resume=resume)
+    missing = finish_train_run(out_dir)
+    if missing is not None:
+        print(f"{config.train.variant}: MLflow run of {out_dir} still lacks {missing}; kept in "
+              f"{out_dir / BUFFER_FILE}", file=sys.stderr)
+    return result
 
 
 FINAL_ITEMS = ("final metrics", "history.csv", "checkpoint tag", "end of run")
@@ -146,7 +205,7 @@ def _open_run(config: RunConfig, prepared_dir: str | Path, out_dir: Path, run_id
     write_run_file(out_dir, drop=INCOMPLETE_FIELDS, run_id=run_id, variant=variant)
     guard = TrackingGuard(run_id, out_dir, pending)
     if new:
-        guard.send(params_record("run params", {**run_params(config.as_dict()),
+        guard.send(params_record("run params", {**run_params(config.as_dict()), **runtime_params(config),
                                                 **flatten({"data": data_params(prepared_dir)})}))
     return guard
 
@@ -168,18 +227,26 @@ def flush_train_run(out_dir: str | Path) -> str | None:
     incomplete by a tracking outage ends FINISHED without its
     :data:`~cxrgaze.experiment.delivery.INCOMPLETE_TAG` once everything arrived, and
     ``run.json`` loses its ``tracking_*`` fields. Returns what the run still lacks (None:
-    nothing). A folder another process trains in is left to that process."""
+    nothing). A folder another process trains in is left to that process (the return value
+    then says so: never None)."""
     out_dir = Path(out_dir)
     if not (out_dir / BUFFER_FILE).exists() or not (out_dir / RUN_FILE).exists():
         return None
-    apply_http_defaults()
     try:
         with output_lock(out_dir):
-            guard = TrackingGuard(read_run_file(out_dir)["run_id"], out_dir, warn=False)
-            if guard.flush():
-                return None
-    except FolderInUse:
-        return read_run_file(out_dir).get("tracking_incomplete")
+            return _flush(out_dir)
+    except FolderInUse as exc:
+        return f"what the process training in {out_dir} has not sent yet ({exc})"
+
+
+def _flush(out_dir: Path) -> str | None:
+    """:func:`flush_train_run` by the holder of ``out_dir``'s lock."""
+    if not (out_dir / BUFFER_FILE).exists() or not (out_dir / RUN_FILE).exists():
+        return None
+    apply_http_defaults()
+    guard = TrackingGuard(read_run_file(out_dir)["run_id"], out_dir, warn=False)
+    if guard.flush():
+        return None
     missing = summary(guard.pending.missing())
     print(f"MLflow run {guard.run_id} still lacks {missing} ({mlflow.get_tracking_uri()}, {guard.lost}); "
           f"kept in {out_dir / BUFFER_FILE}", file=sys.stderr)
@@ -190,13 +257,25 @@ def finish_train_run(out_dir: str | Path) -> str | None:
     """Bring the run of a finished ``out_dir`` (``best.pt``, ``metrics.json``) up to date:
     send its queue (:func:`flush_train_run`), and when a kill came between the last file and
     the end of the run, send the end as :func:`train_tracked` would have (final metrics,
-    ``history.csv``, checkpoint tag, FINISHED). Returns what the run still lacks (None: nothing)."""
+    ``history.csv``, checkpoint tag, FINISHED). Returns what the run still lacks (None: nothing).
+    Holds ``out_dir`` throughout: a folder another process trains in is refused
+    (:class:`~cxrgaze.outlock.FolderInUse`), never closed behind that process's back."""
     out_dir = Path(out_dir)
-    missing = flush_train_run(out_dir)
+    with output_lock(out_dir):
+        return _finish(out_dir)
+
+
+def _finish(out_dir: Path) -> str | None:
+    """:func:`finish_train_run` by the holder of ``out_dir``'s lock."""
+    missing = _flush(out_dir)
     if missing is not None or not (out_dir / RUN_FILE).exists():
         return missing
+    apply_http_defaults()
     guard = TrackingGuard(read_run_file(out_dir)["run_id"], out_dir)
-    if guard.call(f"closing run {guard.run_id}", _unfinished, guard.run_id):
+    unfinished = guard.call(f"closing run {guard.run_id}", _unfinished, guard.run_id)
+    if unfinished is None:  # the store did not say: the run may still lack its end
+        return f"end of run (not checked: {guard.lost})"
+    if unfinished:
         metrics = json.loads((out_dir / "metrics.json").read_text())
         best = {k: v for k, v in metrics.items() if k.startswith("val_")}
         if not guard.send(*_final_records(best, int(metrics["best_epoch"]), out_dir)):

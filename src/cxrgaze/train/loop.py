@@ -13,7 +13,7 @@ import math
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
 
@@ -31,6 +31,7 @@ from cxrgaze.models import build_model
 from cxrgaze.outlock import FolderInUse, acquire, release
 from cxrgaze.predict import predict_logits, scores_from_logits, selection_metrics
 from cxrgaze.runtime import resolve_device, seed_everything
+from cxrgaze.train.agreement import agreed_start, start_facts
 from cxrgaze.train.step import Stepper
 from cxrgaze.variants import parse_variant
 
@@ -52,6 +53,14 @@ class TrainResult:
     """One record per epoch: epoch, train loss terms, validation metrics, lr, seconds."""
     device: str
     config: dict[str, Any]
+    world_size: int = 1
+    """Processes of the job (``torchrun`` ranks)."""
+    shards: int = 1
+    """Shards each global batch was cut into: ``world_size * train.micro_batches``. Batch-norm
+    statistics and dropout masks are per shard, so results depend on it."""
+    threads: int = 1
+    """torch's intra-op threads (``torch.get_num_threads()``): the order of float sums, so
+    the last bits of the results, depend on it."""
 
     @property
     def best_checkpoint(self) -> Path:
@@ -59,7 +68,16 @@ class TrainResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"variant": self.variant, "best_epoch": self.best_epoch, **self.best, "device": self.device,
-                "epochs_run": len(self.history)}
+                "epochs_run": len(self.history), "world_size": self.world_size, "shards": self.shards,
+                "threads": self.threads}
+
+
+def run_layout(world_size: int, micro_batches: int) -> dict[str, int]:
+    """What a run's results depend on besides its config and data: ``world_size``,
+    ``shards`` (``world_size * micro_batches``: batch-norm statistics and dropout masks are
+    per shard) and ``threads``, torch's intra-op thread count (the order of float sums).
+    In ``metrics.json`` and, as ``runtime.*``, in the MLflow params of the run."""
+    return {"world_size": world_size, "shards": world_size * micro_batches, "threads": torch.get_num_threads()}
 
 
 @dataclass
@@ -114,7 +132,7 @@ def train(
     progress: bool = True,
     resume: bool = True,
     dist: DistContext | None = None,
-    micro_batches: int = 1,
+    micro_batches: int | None = None,
 ) -> TrainResult:
     """Train ``config.train.variant`` on the prepared arrays; write checkpoints to ``out_dir``.
 
@@ -130,16 +148,17 @@ def train(
     ``WORLD_SIZE`` > 1). A given context with several ranks needs that process group
     initialised. ``micro_batches``: the shards each rank processes in turn per global
     batch; the global batch (``train.batch_size``) is cut into ``world_size *
-    micro_batches`` contiguous shards. With one rank and ``micro_batches=1`` (the
-    default) a step is one forward and backward of the whole batch, as always.
+    micro_batches`` contiguous shards; ``None`` (the default): ``train.micro_batches``. With
+    one rank and one micro-batch a step is one forward and backward of the whole batch, as always.
     """
-    cfg = config.train
+    config = _with_micro_batches(config, micro_batches)
+    cfg, micro_batches = config.train, config.train.micro_batches
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx, device = _join(dist, cfg.device, micro_batches)
     with _exclusive(out_dir, ctx):  # one run per folder (cxrgaze.outlock)
         seed_everything(cfg.seed)
-        train_data, val_data = _load_splits(prepared_dir, split_csv, cfg.batch_size, ctx, micro_batches)
+        train_data, val_data = _start(config, prepared_dir, split_csv, out_dir, resume, ctx, micro_batches)
         model = build_model(config.model, variant=cfg.variant).to(device)
         stepper = Stepper(model, config, train_data, device, ctx, micro_batches, out_dir / "last.pt")
         state = _resume(stepper, config, device, ctx) if resume and stepper.last_path.exists() else _Progress()
@@ -163,6 +182,14 @@ def train(
             for cb in callbacks:
                 cb.on_epoch_end(record)
         return _finish(state, cfg.variant, out_dir, device, config, ctx)
+
+
+def _with_micro_batches(config: RunConfig, micro_batches: int | None) -> RunConfig:
+    """``config`` with ``train.micro_batches`` replaced by ``micro_batches`` (None: as it
+    is), so that the checkpoints and ``metrics.json`` carry what the run used."""
+    if micro_batches is None or micro_batches == config.train.micro_batches:
+        return config
+    return replace(config, train=replace(config.train, micro_batches=micro_batches))
 
 
 def _join(dist: DistContext | None, device_name: str, micro_batches: int) -> tuple[DistContext, torch.device]:
@@ -203,6 +230,16 @@ def _exclusive(out_dir: Path, ctx: DistContext) -> Iterator[None]:
             release(lock)
 
 
+def _start(config: RunConfig, prepared_dir: str | Path, split_csv: str | Path, out_dir: Path, resume: bool,
+           ctx: DistContext, micro_batches: int) -> tuple[SplitTensors, SplitTensors]:
+    """The train and val splits, once every rank agrees on where it starts
+    (:mod:`cxrgaze.train.agreement`: resume point, config, data)."""
+    cfg, last = config.train, out_dir / "last.pt"
+    return agreed_start(ctx, lambda: _load_splits(prepared_dir, split_csv, cfg.batch_size, ctx, micro_batches),
+                        lambda s: start_facts(config.as_dict(), prepared_dir, split_csv, (len(s[0]), len(s[1])),
+                                              last if resume and last.exists() else None))
+
+
 def _load_splits(prepared_dir: str | Path, split_csv: str | Path, batch_size: int, ctx: DistContext,
                  micro_batches: int) -> tuple[SplitTensors, SplitTensors]:
     """The train and val splits; refuses empty ones and batches too small to shard."""
@@ -222,7 +259,7 @@ def _resume(stepper: Stepper, config: RunConfig, device: torch.device, ctx: Dist
     """Restore model, optimizer, schedule and RNG from ``last.pt`` (same config only)."""
     last_path = stepper.last_path
     ckpt = load_checkpoint(last_path)
-    if ckpt["config"] != config.as_dict():
+    if _without_micro_batches(ckpt["config"]) != _without_micro_batches(config.as_dict()):
         raise ValueError(f"{last_path}: written by a run with a different config; "
                          "delete the folder or train with --no-resume to start over")
     stepper.model.load_state_dict(ckpt["model"])
@@ -237,6 +274,13 @@ def _resume(stepper: Stepper, config: RunConfig, device: torch.device, ctx: Dist
         warnings.warn(f"{last_path}: written with global batches cut into {ckpt.get('shards', 1)} shard(s), "
                       f"resumed with {shards}: the run goes on, but is not the bit-exact continuation", stacklevel=3)
     return _Progress(ckpt["history"], ckpt["best"], ckpt["best_epoch"], ckpt["epoch"] + 1)
+
+
+def _without_micro_batches(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict less ``train.micro_batches``: how the global batches are cut, like the
+    number of ranks, may change on a resume (with a warning: the shard count of ``last.pt``);
+    ``last.pt`` files written before the setting existed lack it."""
+    return {**config, "train": {k: v for k, v in config["train"].items() if k != "micro_batches"}}
 
 
 def _save(stepper: Stepper, config: RunConfig, state: _Progress, epoch: int, improved: bool, out_dir: Path) -> None:
@@ -265,7 +309,8 @@ def _finish(state: _Progress, variant: str, out_dir: Path, device: torch.device,
             ctx: DistContext) -> TrainResult:
     """The result; rank 0 writes ``metrics.json`` and ``history.csv``."""
     result = TrainResult(variant=variant, out_dir=out_dir, best_epoch=state.best_epoch, best=state.best,
-                         history=state.history, device=str(device), config=config.as_dict())
+                         history=state.history, device=str(device), config=config.as_dict(),
+                         **run_layout(ctx.world_size, config.train.micro_batches))
     if ctx.is_main:
         (out_dir / "metrics.json").write_text(json.dumps(result.to_json(), indent=2, sort_keys=True) + "\n")
         write_history_csv(state.history, out_dir / "history.csv")
