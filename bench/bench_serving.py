@@ -3,22 +3,26 @@
 Sets up what ``register`` produces: a U-Net (``efficientnet-b0`` by default, random
 weights: the timing does not depend on them) logged with ``cxrgaze.serving.log.log_model``
 into a temporary SQLite store, registered as ``cxrgaze`` and aliased ``champion``; starts
-``cxrgaze serve`` on a free loopback port; writes full-size 12-bit DICOMs (3000 x 2500 and
-2544 x 3056, uncompressed by default, about 15 MB each).
+``cxrgaze serve`` (cxrgaze's scoring server) and, as today's baseline, ``mlflow models
+serve`` of the same model, each on a free loopback port; writes full-size 12-bit DICOMs
+(3000 x 2500 and 2544 x 3056, uncompressed by default, about 15 MB each).
 
 - Latency: one request with one DICOM, default heatmap (``mask``, 224 px PNG), p50 and
-  p95 over ``--n`` requests. The body is built once; the time is the POST and the parsing
-  of the answer.
-- Throughput: requests of ``--batch`` DICOMs, images per second over ``--rounds``.
+  p95 over ``--n`` requests, by four routes: ``cxrgaze serve`` with the DICOM as the body
+  (``application/dicom``), ``cxrgaze serve`` with MLflow's JSON (base64 in
+  ``dataframe_split``), ``mlflow models serve`` with the same JSON, and bare. The bodies are
+  built once; the time is the POST and the parsing of the answer.
+- Throughput: requests of ``--batch`` DICOMs (``multipart/related`` for the raw route),
+  images per second over ``--rounds``.
 - Bare: in this process, ``preprocess`` (the served code: decode, resize, float16) of the
   file's bytes and the U-Net forward (mask and class logits, the work the default heatmap
   needs), softmax and sigmoid; no base64, JSON, HTTP or PNG.
 
-Served and bare calls alternate, so that a drift of a shared machine hits both alike.
-Torch uses the same number of threads in both processes (``--threads``; ``--device cuda``
-runs both on the GPU).
+The calls of the four kinds alternate, so that a drift of a shared machine hits all alike.
+Torch uses the same number of threads in all processes (``--threads``; ``--device cuda``
+runs all on the GPU).
 
-Run: .venv/bin/python bench/bench_serving.py   (about 2-3 minutes on a 2-core CPU)
+Run: .venv/bin/python bench/bench_serving.py   (about 4-5 minutes on a 2-core CPU)
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from cxrgaze.config import DataConfig, ModelConfig, RunConfig, TrainConfig  # no
 from cxrgaze.models import build_model  # noqa: E402
 from cxrgaze.serving.log import log_model  # noqa: E402
 from cxrgaze.serving.preprocess import preprocess  # noqa: E402
-from cxrgaze.serving.serve import serve_command, serve_env  # noqa: E402
+from cxrgaze.serving.serve import cxrgaze_serve_command, serve_command, serve_env  # noqa: E402
 
 SYNTAXES = {"explicit": ExplicitVRLittleEndian, "j2k": JPEG2000Lossless}
 
@@ -94,13 +98,14 @@ def register(root: Path, model: torch.nn.Module, run_config: RunConfig, data_con
     return uri
 
 
-def start_server(root: Path, tracking_uri: str, device: str, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(root: Path, tracking_uri: str, device: str, threads: int,
+                 command=cxrgaze_serve_command) -> tuple[subprocess.Popen, str]:  # noqa: ANN001
     port = free_port()
     env = serve_env({**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "CXRGAZE_DEVICE": device})
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen(serve_command(port=port), env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT,
+    log = (root / "server.log").open("a")
+    proc = subprocess.Popen(command(port=port), env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -113,6 +118,60 @@ def start_server(root: Path, tracking_uri: str, device: str, threads: int) -> tu
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
         time.sleep(0.25)
+
+
+KINDS = ("bare", "raw", "json", "mlflow json")
+"""bare; cxrgaze serve with the DICOM as the body (multipart for a batch); cxrgaze serve with
+MLflow's JSON; mlflow models serve with the same JSON (today's baseline)."""
+BOUNDARY = "cxrgaze-bench-boundary"
+
+
+def json_body(batch: list[bytes]) -> bytes:
+    return json.dumps({"dataframe_split": {"columns": ["image"],
+                                           "data": [[base64.b64encode(d).decode("ascii")] for d in batch]}}).encode()
+
+
+def raw_body(batch: list[bytes]) -> tuple[bytes, str]:
+    """One DICOM as the body, or several as ``multipart/related``; and the Content-Type."""
+    if len(batch) == 1:
+        return batch[0], "application/dicom"
+    parts = [f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + d + b"\r\n" for d in batch]
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode(), f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+
+
+def post(url: str, payload: bytes, content_type: str, rows: int) -> None:
+    answer = requests.post(f"{url}/invocations", data=payload, timeout=600, headers={"Content-Type": content_type})
+    if answer.status_code != 200 or len(answer.json()["predictions"]) != rows:
+        raise SystemExit(f"served request failed: {answer.status_code} {answer.text[:500]}")
+
+
+def measure(calls: dict, rounds: int, warm: int) -> dict[str, list[float]]:
+    """``calls[kind]()`` for each kind in turn, ``warm + rounds`` times; the times of the last ``rounds``."""
+    times: dict[str, list[float]] = {kind: [] for kind in calls}
+    for i in range(rounds + warm):
+        for kind, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if i >= warm:
+                times[kind].append(time.perf_counter() - start)
+    return times
+
+
+def report(args: argparse.Namespace, device: torch.device, files: list[bytes], lat: dict, thr: dict) -> None:
+    body = len(json_body(files[:1]))
+    print(f"device {args.device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"{args.encoder} U-Net at {args.size} px, {args.syntax} DICOMs 3000 x 2500 / 2544 x 3056 12-bit "
+          f"({len(files[0]) / 2**20:.1f} MiB, JSON request body {body / 2**20:.1f} MiB), torch {torch.__version__}")
+    bare50, bare95 = statistics.median(lat["bare"]), percentile(lat["bare"], 95)
+    print(f"\n| one DICOM per call ({args.n} calls) | p50 (s) | p95 (s) | p50 / bare | p95 / bare |\n|---|---:|---:|---:|---:|")
+    for kind in KINDS:
+        p50, p95 = statistics.median(lat[kind]), percentile(lat[kind], 95)
+        print(f"| {kind} | {p50:.3f} | {p95:.3f} | {p50 / bare50:.2f}x | {p95 / bare95:.2f}x |")
+    bare = statistics.median(thr["bare"])
+    print(f"\n| batches of {args.batch} ({args.rounds} batches) | median (s) | images/s | time / bare |\n|---|---:|---:|---:|")
+    for kind in KINDS:
+        t = statistics.median(thr[kind])
+        print(f"| {kind} | {t:.2f} | {args.batch / t:.1f} | {t / bare:.2f}x |")
 
 
 def main() -> None:
@@ -137,65 +196,41 @@ def main() -> None:
         tracking_uri = register(root, model, run_config, data_config, small.read_bytes())
         print(f"logged and registered in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        proc, url = start_server(root, tracking_uri, args.device, args.threads)
-        print(f"server up in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-        model = model.to(device)
+        procs = []
         try:
-            def bare(batch: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+            for command in (cxrgaze_serve_command, serve_command):
+                procs.append(start_server(root, tracking_uri, args.device, args.threads, command))
+            print(f"servers up in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+            (_, url), (_, mlflow_url) = procs
+            model = model.to(device)
+
+            def bare(batch: list[bytes]) -> None:
                 grid = np.stack([preprocess(data, data_config) for data in batch])  # (B, S, S) float16
                 x = torch.from_numpy(grid).to(device, torch.float32).unsqueeze(1)  # (B, 1, S, S)
                 with torch.no_grad():
                     mask_logits, logits = model(x)
-                    return torch.softmax(logits, dim=1).cpu(), torch.sigmoid(mask_logits).cpu()
-
-            def body(batch: list[bytes]) -> bytes:
-                return json.dumps({"dataframe_split": {"columns": ["image"],
-                                                       "data": [[base64.b64encode(d).decode("ascii")] for d in batch]}}).encode()
-
-            def served(payload: bytes, rows: int) -> None:
-                answer = requests.post(f"{url}/invocations", data=payload, timeout=600,
-                                       headers={"Content-Type": "application/json"})
-                if answer.status_code != 200 or len(answer.json()["predictions"]) != rows:
-                    raise SystemExit(f"served request failed: {answer.status_code} {answer.text[:500]}")
-
-            def timed(fn, *a) -> float:  # noqa: ANN001, ANN002
-                start = time.perf_counter()
-                fn(*a)
+                    torch.softmax(logits, dim=1).cpu(), torch.sigmoid(mask_logits).cpu()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                return time.perf_counter() - start
 
-            one = [body([f]) for f in files]
-            lat = {"bare": [], "served": []}
+            def calls(batch: list[bytes]) -> dict:
+                js, (raw, raw_type) = json_body(batch), raw_body(batch)
+                return {"bare": lambda: bare(batch), "raw": lambda: post(url, raw, raw_type, len(batch)),
+                        "json": lambda: post(url, js, "application/json", len(batch)),
+                        "mlflow json": lambda: post(mlflow_url, js, "application/json", len(batch))}
+
+            singles = [calls([f]) for f in files]
+            lat: dict[str, list[float]] = {kind: [] for kind in KINDS}
             for i in range(args.n + 3):
-                b, s = timed(bare, [files[i % len(files)]]), timed(served, one[i % len(files)], 1)
-                if i >= 3:
-                    lat["bare"].append(b)
-                    lat["served"].append(s)
-            batch = [files[i % len(files)] for i in range(args.batch)]
-            batch_body = body(batch)
-            thr = {"bare": [], "served": []}
-            for r in range(args.rounds + 1):
-                b, s = timed(bare, batch), timed(served, batch_body, len(batch))
-                if r >= 1:
-                    thr["bare"].append(b)
-                    thr["served"].append(s)
+                for kind, t in measure(singles[i % len(files)], 1, 0).items():
+                    if i >= 3:
+                        lat[kind].append(t[0])
+            thr = measure(calls([files[i % len(files)] for i in range(args.batch)]), args.rounds, 1)
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-
-    print(f"device {args.device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"{args.encoder} U-Net at {args.size} px, {args.syntax} DICOMs 3000 x 2500 / 2544 x 3056 12-bit "
-          f"({len(files[0]) / 2**20:.1f} MiB, request body {len(one[0]) / 2**20:.1f} MiB), torch {torch.__version__}")
-    print(f"\n| one DICOM per call ({args.n} calls) | p50 (s) | p95 (s) |\n|---|---:|---:|")
-    for kind in ("bare", "served"):
-        print(f"| {kind} | {statistics.median(lat[kind]):.3f} | {percentile(lat[kind], 95):.3f} |")
-    print(f"| served / bare | {statistics.median(lat['served']) / statistics.median(lat['bare']):.2f}x "
-          f"| {percentile(lat['served'], 95) / percentile(lat['bare'], 95):.2f}x |")
-    print(f"\n| batches of {args.batch} ({args.rounds} batches) | median (s) | images/s |\n|---|---:|---:|")
-    for kind in ("bare", "served"):
-        print(f"| {kind} | {statistics.median(thr[kind]):.2f} | {args.batch / statistics.median(thr[kind]):.1f} |")
-    print(f"| served / bare (time) | {statistics.median(thr['served']) / statistics.median(thr['bare']):.2f}x | |")
+            for proc, _ in procs:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+    report(args, device, files, lat, thr)
 
 
 if __name__ == "__main__":

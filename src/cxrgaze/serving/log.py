@@ -29,6 +29,7 @@ from cxrgaze.data.synth.dicom import Acquisition, encode, stored_pixels
 from cxrgaze.data.synth.phantom import render
 from cxrgaze.serving.model import (ARTIFACT_CHECKPOINT, ARTIFACT_CONFIG, INPUT_COLUMN, default_heatmap, output_columns,
                                    write_config)
+from cxrgaze.serving.gate import Gate
 from cxrgaze.serving.preprocess import Limits
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -68,7 +69,7 @@ def example_dicom(side: int = 128) -> bytes:
 
 
 def log_model(checkpoint: Path, data_config: DataConfig, input_example: bytes | None = None, name: str | None = None,
-              limits: Limits = Limits()) -> ModelInfo:
+              limits: Limits = Limits(), gate: Gate = Gate()) -> ModelInfo:
     """Log the served model of ``checkpoint`` into the active MLflow run, named ``name``
     (default: the checkpoint's variant); register ``.model_uri``.
 
@@ -76,7 +77,8 @@ def log_model(checkpoint: Path, data_config: DataConfig, input_example: bytes | 
     served preprocessing); ``input_example`` is the bytes of a DICOM logged base64 as the
     model's input example (default :func:`example_dicom`, made for the purpose);
     ``limits`` bound each served image (overridable where the model runs, see
-    :class:`~cxrgaze.serving.preprocess.Limits`).
+    :class:`~cxrgaze.serving.preprocess.Limits`); ``gate`` says which images get a diagnosis
+    (also overridable there, see :class:`~cxrgaze.serving.gate.Gate`).
     """
     input_example = example_dicom() if input_example is None else input_example
 
@@ -84,7 +86,7 @@ def log_model(checkpoint: Path, data_config: DataConfig, input_example: bytes | 
     has_decoder, name = variant.has_decoder, name or variant.name
     example = pd.DataFrame({INPUT_COLUMN: [base64.b64encode(input_example).decode("ascii")]})
     with tempfile.TemporaryDirectory(prefix="cxrgaze-serving-") as tmp:
-        config = write_config(Path(tmp) / "serving_config.json", data_config, CLASSES, limits)
+        config = write_config(Path(tmp) / "serving_config.json", data_config, CLASSES, limits, gate)
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(MODEL_CODE),

@@ -1,15 +1,28 @@
 """The served model: an MLflow pyfunc that takes image files and returns diagnosis and heatmap.
 
 Input: a table with one string column ``image``, each row a base64-encoded DICOM (PNG and
-JPEG are accepted too; standard base64 alphabet, no line breaks). Other columns are
+JPEG only where the gate's configuration allows them; standard base64 alphabet, no line breaks: MIME-style line-wrapped
+base64 is refused, ``row i: not valid base64: it contains line breaks; remove line breaks``,
+rather than silently copied without them). :meth:`CxrGazeModel.predict_bytes` takes the
+files' bytes instead (``cxrgaze serve``'s raw DICOM and multipart routes). Other columns are
 ignored (MLflow's schema enforcement drops them). Params (optional): ``heatmap`` (``mask``, ``gbp``, ``gradcam`` or
 ``none``) and ``heatmap_size`` (side of the returned PNG, pixels, 8 to 2048; default the
 model's input size). Output, one row per input row: ``prob_Normal``, ``prob_CHF``,
 ``prob_pneumonia`` (the class scores of the training objective, :mod:`cxrgaze.predict`:
 sigmoid per class for a model trained with per-class BCE, so they need not sum to 1;
 softmax for cross-entropy), ``scoring`` (``sigmoid`` or ``softmax``: which of the two),
-``label`` (the class with the highest score) and ``heatmap`` (base64 PNG, 8-bit grey,
-``heatmap_size`` square, on the model's input grid; an empty string for ``none``).
+``label`` (the class with the highest score), ``heatmap`` (base64 PNG, 8-bit grey,
+``heatmap_size`` square, on the model's input grid; an empty string for ``none``) and
+``warnings`` (what the gate could not check, e.g. ``BodyPartExamined (0018,0015) absent:
+body part unchecked``; an empty string when none).
+
+The gate (:mod:`cxrgaze.serving.gate`): only chest radiographs get a diagnosis. A DICOM that
+is not a CR/DX/DR, not the chest, colour or too small, and PNG/JPEG unless the configuration
+allows them, is refused with a reason naming the tag and its value, e.g. ``row 0: refused:
+Modality (0008,0060) is 'CT', not a projection radiograph (accepted: CR, DX, DR)``. A batch
+whose bad rows are all such refusals raises :class:`~cxrgaze.serving.gate.GateRefusal`, an
+``INVALID_PARAMETER_VALUE`` like every bad input but with ``gate_refusal = True`` (cxrgaze's
+own server answers it 422).
 
 Heatmaps: ``mask`` is the U-Net decoder's mask (sigmoid of its logits), from the same
 forward pass as the class logits; ``gbp`` (guided backpropagation) and ``gradcam`` explain
@@ -31,9 +44,9 @@ several threads; Grad-CAM hooks the model).
 
 The artifacts are the checkpoint (:mod:`cxrgaze.checkpoint` format) and a JSON config written by
 :func:`write_config`: the ``DataConfig`` fields that shaped the training arrays, the class
-names and the image size limits. The device is ``CXRGAZE_DEVICE`` (default ``auto``: CUDA
-when present); the limits may be overridden where the model runs (see
-:class:`cxrgaze.serving.preprocess.Limits`).
+names, the image size limits and the gate. The device is ``CXRGAZE_DEVICE`` (default ``auto``:
+CUDA when present); the limits and the gate may be overridden where the model runs (see
+:class:`cxrgaze.serving.preprocess.Limits` and :class:`cxrgaze.serving.gate.Gate`).
 """
 
 from __future__ import annotations
@@ -45,7 +58,7 @@ import os
 import threading
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlflow
 import numpy as np
@@ -61,7 +74,8 @@ from cxrgaze.explain import generator_maps, trace
 from cxrgaze.models import class_logits
 from cxrgaze.predict import scores_from_logits, scoring_rule
 from cxrgaze.runtime import resolve_device
-from cxrgaze.serving.preprocess import InputError, Limits, decode_base64, preprocess
+from cxrgaze.serving.gate import Gate, GateRefusal, NotAdmitted, admit
+from cxrgaze.serving.preprocess import InputError, Limits, decode_base64, to_model_grid
 
 HEATMAPS: tuple[str, ...] = ("mask", "gbp", "gradcam", "none")
 HEATMAP_SIZE_RANGE: tuple[int, int] = (8, 2048)
@@ -74,8 +88,8 @@ ARTIFACT_CONFIG = "config"
 
 
 def output_columns(classes: tuple[str, ...] | list[str]) -> list[str]:
-    """``prob_<class>`` for each class, then ``scoring``, ``label`` and ``heatmap``."""
-    return [f"prob_{c}" for c in classes] + ["scoring", "label", "heatmap"]
+    """``prob_<class>`` for each class, then ``scoring``, ``label``, ``heatmap`` and ``warnings``."""
+    return [f"prob_{c}" for c in classes] + ["scoring", "label", "heatmap", "warnings"]
 
 
 def default_heatmap(has_decoder: bool) -> str:
@@ -83,9 +97,11 @@ def default_heatmap(has_decoder: bool) -> str:
     return "mask" if has_decoder else "gbp"
 
 
-def write_config(path: Path, data_config: DataConfig, classes: tuple[str, ...], limits: Limits) -> Path:
-    """The JSON config artifact: data config (as ``prepare`` used it), class names, limits."""
-    path.write_text(json.dumps({"data": asdict(data_config), "classes": list(classes), "limits": asdict(limits)},
+def write_config(path: Path, data_config: DataConfig, classes: tuple[str, ...], limits: Limits,
+                 gate: Gate = Gate()) -> Path:
+    """The JSON config artifact: data config (as ``prepare`` used it), class names, limits, gate."""
+    path.write_text(json.dumps({"data": asdict(data_config), "classes": list(classes), "limits": asdict(limits),
+                                "gate": asdict(gate)},
                                indent=2) + "\n")
     return path
 
@@ -103,6 +119,7 @@ class CxrGazeModel(mlflow.pyfunc.PythonModel):
         self.data_config = from_mapping(DataConfig, config["data"], where="serving config: data")
         self.classes: tuple[str, ...] = tuple(config["classes"])
         self.limits = Limits.from_env(Limits(**config["limits"]))
+        self.gate = Gate.from_env(Gate(**config.get("gate", {})))
         checkpoint = load_checkpoint(context.artifacts[ARTIFACT_CHECKPOINT])
         model = model_from_checkpoint(checkpoint)
         self.cls_loss = checkpoint["config"]["loss"]["cls_loss"]
@@ -116,7 +133,17 @@ class CxrGazeModel(mlflow.pyfunc.PythonModel):
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Diagnosis and heatmap for each row of ``model_input`` (see the module docstring)."""
         heatmap, size = self._options(params or {})
-        images = self._decode(model_input)  # (B, S, S) float16
+        return self._predict_images(*self._decode(model_input), heatmap, size)
+
+    def predict_bytes(self, files: list[bytes], params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """:meth:`predict` of image files given as bytes (no base64, no table): the raw-body route of
+        :mod:`cxrgaze.serving.server`. The same preprocessing, errors (``row i`` is ``files[i]``) and output;
+        ``params`` are not filled from the signature here: a missing one takes the model's default."""
+        heatmap, size = self._options(params or {})
+        return self._predict_images(*self._decode_all(files, lambda data: data), heatmap, size)
+
+    def _predict_images(self, images: np.ndarray, notes: list[str], heatmap: str, size: int) -> pd.DataFrame:
+        """(B, S, S) float16 model inputs and their gate warnings -> the output table."""
         probs, maps = [], []
         with self._lock:
             for start in range(0, len(images), CHUNK):
@@ -132,6 +159,7 @@ class CxrGazeModel(mlflow.pyfunc.PythonModel):
             table["heatmap"] = ""
         else:
             table["heatmap"] = [_png_base64(h, size) for chunk in maps for h in chunk]
+        table["warnings"] = notes
         return table
 
     def _options(self, params: dict[str, Any]) -> tuple[str, int]:
@@ -148,26 +176,33 @@ class CxrGazeModel(mlflow.pyfunc.PythonModel):
             raise _invalid(f"params: heatmap_size must be an integer from {low} to {high}; got {size!r}")
         return heatmap, int(size)
 
-    def _decode(self, model_input: pd.DataFrame) -> np.ndarray:
+    def _decode(self, model_input: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
         """All rows -> (B, S, S) float16, or one exception naming every bad row."""
         if not isinstance(model_input, pd.DataFrame) or INPUT_COLUMN not in model_input.columns:
             got = ", ".join(map(str, model_input.columns)) if isinstance(model_input, pd.DataFrame) \
                 else type(model_input).__name__
             raise _invalid(f"input: expected a table with a column {INPUT_COLUMN!r} (base64 image files); got {got}")
-        if len(model_input) == 0:
+        return self._decode_all(model_input[INPUT_COLUMN].tolist(), lambda text: decode_base64(text, self.limits))
+
+    def _decode_all(self, values: list[Any], to_bytes: Callable[[Any], bytes]) -> tuple[np.ndarray, list[str]]:
+        """Each value -> bytes (``to_bytes``) -> model grid: (B, S, S) float16, or one exception naming every bad row."""
+        if len(values) == 0:
             raise _invalid("input: empty batch (no rows)")
-        images, errors = [], []
-        for row, value in enumerate(model_input[INPUT_COLUMN].tolist()):
+        images, notes, errors, refused = [], [], [], 0
+        for row, value in enumerate(values):
             try:
-                images.append(preprocess(decode_base64(value, self.limits), self.data_config, self.limits))
+                image, note = admit(to_bytes(value), self.limits, self.gate)
+                images.append(to_model_grid(image, self.data_config))
+                notes.append(note)
             except InputError as exc:
                 errors.append(f"row {row}: {exc}")
+                refused += isinstance(exc, NotAdmitted)
         if errors:
             listed = "; ".join(errors[:MAX_LISTED_ERRORS])
             if len(errors) > 1:
-                listed += f" ({len(errors)} of {len(model_input)} rows are bad; nothing was predicted)"
-            raise _invalid(listed)
-        return np.stack(images)
+                listed += f" ({len(errors)} of {len(values)} rows are bad; nothing was predicted)"
+            raise GateRefusal(listed) if refused == len(errors) else _invalid(listed)
+        return np.stack(images), notes
 
     def _infer(self, x: torch.Tensor, heatmap: str) -> tuple[np.ndarray, np.ndarray | None]:
         """Class scores (b, K; :mod:`cxrgaze.predict`) and heatmaps (b, S, S) in [0, 1] (None for ``none``) of

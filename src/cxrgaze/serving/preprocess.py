@@ -8,7 +8,9 @@ model receives that float16 grid as float32, as in training.
 
 PNG and JPEG are accepted too: they are already display renderings, so they are only
 turned into grey [0, 1] (8-bit / 255, 16-bit / 65535, colour as BT.601 luma) and are taken
-as bright = dense, like a MONOCHROME2 DICOM.
+as bright = dense, like a MONOCHROME2 DICOM. Whether an image may reach the model at all
+(chest radiographs only; PNG/JPEG only where configured) is decided by
+:mod:`cxrgaze.serving.gate`, which the served model applies to every image.
 
 Every problem is an :class:`InputError` with a one-line message. :class:`Limits` bounds
 the payload bytes and the decoded pixels of one image; the pixel count is checked from
@@ -83,6 +85,9 @@ def decode_base64(text: object, limits: Limits = Limits()) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
+        if "\n" in text or "\r" in text:
+            raise InputError("not valid base64: it contains line breaks; remove line breaks "
+                             "(one unwrapped base64 string per image)") from None
         raise InputError(f"not valid base64 ({exc})") from None
 
 

@@ -1,0 +1,175 @@
+"""cxrgaze's own scoring server (``cxrgaze serve``, :mod:`cxrgaze.serving.server`), started for real:
+raw DICOM and multipart bodies, readable errors, 415 for a missing Content-Type, the model
+version in each answer; and ``mlflow models serve`` of the same registered model still
+answering the JSON protocol.
+
+The model, registry and ``cxrgaze serve`` process are :mod:`test_serving`'s fixtures.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import time
+from contextlib import contextmanager
+
+import pandas as pd
+import pytest
+import requests
+
+from cxrgaze import CLASSES
+from cxrgaze.serving.serve import serve_command, serve_env
+from cxrgaze.serving.server import readable, split_multipart
+
+from conftest import free_port, tool_env
+from test_serving import b64, dataset, pyfunc, registry, samples, server  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.timeout(180)
+PROBS = [f"prob_{c}" for c in CLASSES]
+
+
+def post(url: str, data: bytes | str, content_type: str | None, query: str = "") -> requests.Response:
+    headers = {"Content-Type": content_type} if content_type else {}
+    request = requests.Request("POST", f"{url}/invocations{query}", data=data, headers=headers).prepare()
+    if content_type is None:
+        request.headers.pop("Content-Type", None)
+    with requests.Session() as session:
+        return session.send(request, timeout=60)
+
+
+def json_route(url: str, files: list[bytes], params: dict | None = None) -> requests.Response:
+    body = {"dataframe_split": {"columns": ["image"], "data": [[b64(f)] for f in files]}}
+    if params:
+        body["params"] = params
+    return requests.post(f"{url}/invocations", json=body, timeout=60)
+
+
+def multipart(files: list[bytes], boundary: str = "cxrgaze-test-boundary") -> tuple[bytes, str]:
+    body = b"preamble, ignored\r\n"
+    for data in files:
+        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n"
+    body += f"--{boundary}--\r\nepilogue, ignored".encode()
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def test_raw_dicom_body_gives_the_json_routes_answer_and_the_model_version(server, samples):
+    dicom = samples["monochrome1"].read_bytes()
+    raw = post(server, dicom, "application/dicom", "?heatmap=gbp&heatmap_size=24")
+    assert raw.status_code == 200, raw.text[:2000]
+    via_json = json_route(server, [dicom], {"heatmap": "gbp", "heatmap_size": 24})
+    assert via_json.status_code == 200, via_json.text[:2000]
+    a, b = pd.DataFrame(raw.json()["predictions"]), pd.DataFrame(via_json.json()["predictions"])
+    assert len(a) == 1 and list(a.columns)[:6] == PROBS + ["scoring", "label", "heatmap"]
+    pd.testing.assert_frame_equal(a, b)  # same probabilities, label, scoring and heatmap PNG
+    for answer in (raw, via_json):
+        assert answer.json()["model"] == {"uri": "models:/cxrgaze@champion", "name": "cxrgaze", "version": "1",
+                                          "run_id": answer.json()["model"]["run_id"]}
+        assert answer.json()["model"]["run_id"]
+
+
+def test_multipart_related_with_two_dicoms_gives_two_predictions(server, samples):
+    files = [samples["jpeg2000"].read_bytes(), samples["rle"].read_bytes()]
+    body, content_type = multipart(files)
+    answer = post(server, body, content_type, "?heatmap=none")
+    assert answer.status_code == 200, answer.text[:2000]
+    rows = pd.DataFrame(answer.json()["predictions"])
+    expected = pd.DataFrame(json_route(server, files, {"heatmap": "none"}).json()["predictions"])
+    assert len(rows) == 2 and set(rows["heatmap"]) == {""}
+    pd.testing.assert_frame_equal(rows, expected)
+
+
+def test_multipart_split_keeps_binary_parts_intact():
+    parts = [b"\r\n--not-the-boundary\r\n\x00\xff", bytes(range(256)) * 3]
+    body, content_type = multipart(parts, "b0undary")
+    from email.message import Message
+
+    parsed = Message()
+    parsed["content-type"] = content_type
+    assert split_multipart(body, parsed) == parts
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain"])
+def test_missing_or_unsupported_content_type_is_415_naming_the_accepted_types(server, samples, content_type):
+    answer = post(server, samples["rle"].read_bytes(), content_type)
+    assert answer.status_code == 415, answer.text[:2000]
+    message = answer.json()["message"]
+    assert message.startswith("unsupported Content-Type: ")
+    for accepted in ("application/dicom", 'multipart/related; type="application/dicom"', "application/json"):
+        assert accepted in message
+
+
+@pytest.mark.parametrize("send, message", [
+    (lambda url, s: requests.post(f"{url}/invocations", json={"dataframe_records": [{"image": "not base64!"}]},
+                                  timeout=60), "row 0: not valid base64"),
+    (lambda url, s: post(url, b"plain text, not a picture" * 10, "application/dicom"), "row 0: not an image"),
+    (lambda url, s: post(url, *multipart([s["rle"].read_bytes(), b"junk" * 50])), "row 1: not an image"),
+    (lambda url, s: post(url, s["rle"].read_bytes(), "application/dicom", "?heatmap=saliency"),
+     "params: heatmap must be one of"),
+    (lambda url, s: post(url, s["rle"].read_bytes(), "application/dicom", "?colour=red"),
+     "params: unknown query parameter(s) colour"),
+])
+def test_errors_start_with_the_reason(server, samples, send, message):
+    answer = send(server, samples)
+    assert answer.status_code == 400, answer.text[:2000]
+    assert answer.json()["message"].startswith(message), answer.json()["message"][:500]
+    assert "Failed to predict data" not in answer.text
+
+
+def test_line_wrapped_base64_is_refused_with_remove_line_breaks(server, samples):
+    wrapped = base64.encodebytes(samples["rle"].read_bytes()).decode("ascii")  # MIME style, 76 columns
+    assert "\n" in wrapped.strip()
+    answer = requests.post(f"{server}/invocations", json={"dataframe_records": [{"image": wrapped}]}, timeout=60)
+    assert answer.status_code == 400, answer.text[:2000]
+    assert answer.json()["message"].startswith("row 0: not valid base64: it contains line breaks; remove line breaks")
+
+
+def test_readable_strips_mlflows_prefix_and_the_echoed_body():
+    assert readable("Failed to predict data '   image\n0  AAAA'. \nError: row 0: bad") == "row 0: bad"
+    assert readable("Failed to predict data 'x'. \nError: Failed to enforce schema of data '  picture\n0  AAAA' with "
+                    "schema '['image': string (required)]'. Error: Model is missing inputs ['image'].") == \
+        "input: Model is missing inputs ['image']."
+    assert readable("Ensure that input is a valid JSON formatted string. Error: 'x'\nInput: \n{huge") == \
+        "Ensure that input is a valid JSON formatted string. Error: 'x'"
+
+
+@contextmanager
+def started(command: list[str], env: dict[str, str], log_path, url: str):
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 150
+            while True:
+                try:
+                    if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"server did not start (exit {proc.poll()}):\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.25)
+            yield proc
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_still_answers_the_json_route(registry, samples, pyfunc):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = serve_env({**tool_env(), "MLFLOW_TRACKING_URI": registry.tracking_uri})
+    with started(serve_command(port=port), env, registry.root / "mlflow-serve.log", url):
+        dicom = samples["monochrome2"].read_bytes()
+        answer = json_route(url, [dicom], {"heatmap": "none"})
+        assert answer.status_code == 200, answer.text[:2000]
+        assert set(answer.json()) == {"predictions"}  # MLflow's protocol, untouched
+        local = pyfunc.predict(pd.DataFrame({"image": [b64(dicom)]}), params={"heatmap": "none"})
+        pd.testing.assert_frame_equal(pd.DataFrame(answer.json()["predictions"]), local, check_dtype=False)
+        bad = requests.post(f"{url}/invocations", json={"dataframe_records": [{"image": "@@"}]}, timeout=60)
+        assert bad.status_code == 400 and "row 0: not valid base64" in bad.json()["message"]
