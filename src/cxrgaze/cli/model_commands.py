@@ -47,6 +47,13 @@ def cmd_register(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     import json
 
+    if args.dicomweb is not None or args.study is not None:
+        _predict_pacs(args)
+        return
+    if args.series is not None or args.instance is not None:
+        raise ValueError("--series and --instance need --dicomweb URL --study UID")
+    if not args.files:
+        raise ValueError("give image files, or --dicomweb URL --study UID")
     from cxrgaze.serving.predict import predict_files
 
     failed = 0
@@ -55,6 +62,27 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(json.dumps(result), flush=True)
     if failed:
         raise ValueError(f"{failed} of {len(args.files)} files could not be predicted (see their `error`)")
+
+
+def _predict_pacs(args: argparse.Namespace) -> None:
+    """``predict --dicomweb URL --study UID``: a JSON line per image, once everything is stored."""
+    import json
+
+    if args.dicomweb is None or args.study is None:
+        raise ValueError("--dicomweb URL and --study UID go together")
+    if args.files or args.out is not None:
+        raise ValueError("--dicomweb reads its images from the PACS and stores the results there: "
+                         "no FILE arguments and no --out")
+    from cxrgaze.serving.pacs import predict_study
+
+    results = predict_study(args.dicomweb, args.study, args.series, args.instance, args.model, args.heatmap,
+                            args.heatmap_size)
+    for result in results:
+        print(json.dumps(result), flush=True)
+    refused = sum("error" in result for result in results)
+    if refused:
+        raise ValueError(f"{refused} of {len(results)} images were refused by the model (see their `error`); "
+                         "the results of the others were stored")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

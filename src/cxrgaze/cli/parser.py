@@ -140,20 +140,29 @@ def _add_model_commands(add: Add) -> None:
                    "no MLflow run holds (restored by DVC)")
 
     p = add("predict", cmd_predict, "Diagnose image files (DICOM, PNG, JPEG) with the served model, offline: "
-            "a JSON line per file and an overlay PNG per file.")
-    p.add_argument("files", nargs="+", metavar="FILE", help="DICOM, PNG or JPEG files")
+            "a JSON line per file and an overlay PNG per file; or a PACS study over DICOMweb (--dicomweb), "
+            "storing a structured report and a heatmap image per image back into the study.")
+    p.add_argument("files", nargs="*", metavar="FILE",
+                   help="DICOM files (PNG or JPEG where the X-ray gate allows them; not with --dicomweb)")
+    p.add_argument("--dicomweb", default=None, metavar="URL", help="DICOMweb root of a PACS, e.g. "
+                   "http://localhost:8042/dicom-web (Orthanc): read the images by WADO-RS, store the results by STOW-RS")
+    p.add_argument("--study", default=None, metavar="UID", help="StudyInstanceUID to diagnose (with --dicomweb)")
+    p.add_argument("--series", default=None, metavar="UID", help="only this SeriesInstanceUID of the study")
+    p.add_argument("--instance", default=None, metavar="UID", help="only this SOPInstanceUID (needs --series)")
     p.add_argument("--model", default="models:/cxrgaze@champion",
                    help="model URI or local model folder (default models:/cxrgaze@champion)")
-    p.add_argument("--out", default=None, help="folder for the overlay PNGs (none written without it)")
+    p.add_argument("--out", default=None, help="folder for the overlay PNGs (none written without it; "
+                   "with --dicomweb the overlays go to the PACS instead)")
     p.add_argument("--heatmap", choices=("mask", "gbp", "gradcam", "none"), default=None,
                    help="heatmap (default: mask for a U-Net, gbp for a model without decoder: baseline, rrr-*)")
     p.add_argument("--heatmap-size", type=int, default=None, help="heatmap side in pixels (default: the model's input size)")
 
-    p = add("serve", cmd_serve, "Serve the registered champion over HTTP (mlflow models serve, --env-manager local).")
+    p = add("serve", cmd_serve, "Serve the registered champion over HTTP: MLflow's scoring app, plus raw DICOM "
+                                "bodies, clean errors and the model's version in each answer.")
     p.add_argument("--model", default="models:/cxrgaze@champion", help="model URI (default models:/cxrgaze@champion)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; the server has no authentication)")
     p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
-    p.add_argument("--workers", type=int, default=None, help="server worker processes (default: MLflow's, 1)")
+    p.add_argument("--workers", type=int, default=None, help="server worker processes (default 1)")
 
 
 def _add_tune_command(add: Add) -> None:
