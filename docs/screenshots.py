@@ -101,7 +101,8 @@ def champion(root: Path) -> dict[str, str]:
         raise SystemExit(f"screenshots: {store}: no `champion` ({exc.message.splitlines()[0]}); run `make demo` first")
     run = client.get_run(version.run_id)
     return {"version": str(version.version), "run_id": run.info.run_id, "experiment": run.info.experiment_id,
-            "variant": run.data.tags["cxrgaze.variant"], "test_auc": f"{run.data.metrics['test_auc_macro']:.3f}"}
+            "variant": run.data.tags["cxrgaze.variant"], "test_auc": f"{run.data.metrics['test_auc_macro']:.3f}",
+            "test_auc_digits": repr(run.data.metrics["test_auc_macro"])[:6]}  # the runs table shows it unrounded
 
 
 def pages(mlflow_url: str, optuna_url: str, champ: dict[str, str]) -> list[tuple[str, str, list[str]]]:
@@ -109,7 +110,7 @@ def pages(mlflow_url: str, optuna_url: str, champ: dict[str, str]) -> list[tuple
     run = f"{mlflow_url}/#/experiments/{champ['experiment']}/runs/{champ['run_id']}"
     return [
         ("mlflow-results-view.png", results_link(champ["experiment"], f"{mlflow_url}/"),
-         ["shared view", "test_auc_macro_ci95_low", f"{champ['variant']} evaluation", champ["test_auc"]]),
+         ["shared view", "test_auc_macro_ci95_low", f"{champ['variant']} evaluation", champ["test_auc_digits"]]),
         ("mlflow-runs.png", f"{mlflow_url}/#/experiments/{champ['experiment']}/runs{ML_VIEW}",
          ["Results view", "report", champ["variant"]]),
         ("mlflow-champion-run.png", f"{run}{ML_VIEW}",
