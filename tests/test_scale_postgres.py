@@ -293,7 +293,7 @@ def test_training_and_evaluation_through_an_mlflow_server_on_postgresql(mlflow_s
         name = f"cxrgaze-scale-{uuid.uuid4().hex[:6]}"
         version = mlflow.register_model(model_uri, name)
         client.set_registered_model_alias(name, "champion", version.version)
-        assert client.get_model_version_by_alias(name, "champion").run_id == run_id
+        assert client.get_model_version_by_alias(name, "champion").run_id == eval_run  # the model is the evaluation run's
         model = mlflow.pyfunc.load_model(f"models:/{name}@champion")  # downloaded through the server
         manifest = pd.read_csv(prepared / "manifest.csv", dtype=str).set_index("dicom_id")
         predictions = pd.read_csv(tmp_path / "eval" / "predictions.csv", dtype={"dicom_id": str})
