@@ -9,11 +9,6 @@ The model, registry and ``cxrgaze serve`` process are :mod:`test_serving`'s fixt
 from __future__ import annotations
 
 import base64
-import os
-import signal
-import subprocess
-import time
-from contextlib import contextmanager
 
 import pandas as pd
 import pytest
@@ -24,7 +19,7 @@ from cxrgaze.serving.serve import serve_command, serve_env
 from cxrgaze.serving.server import readable, split_multipart
 
 from conftest import free_port, tool_env
-from test_serving import b64, dataset, pyfunc, registry, samples, server  # noqa: F401 - fixtures
+from test_serving import b64, dataset, pyfunc, registry, samples, server, started  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.timeout(180)
 PROBS = [f"prob_{c}" for c in CLASSES]
@@ -132,31 +127,6 @@ def test_readable_strips_mlflows_prefix_and_the_echoed_body():
         "input: Model is missing inputs ['image']."
     assert readable("Ensure that input is a valid JSON formatted string. Error: 'x'\nInput: \n{huge") == \
         "Ensure that input is a valid JSON formatted string. Error: 'x'"
-
-
-@contextmanager
-def started(command: list[str], env: dict[str, str], log_path, url: str):
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 150
-            while True:
-                try:
-                    if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"server did not start (exit {proc.poll()}):\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.25)
-            yield proc
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 @pytest.mark.slow

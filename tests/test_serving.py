@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -284,35 +285,41 @@ def test_logged_model_carries_code_config_signature_and_example(registry, pyfunc
 
 
 # --- the real server ------------------------------------------------------------------------
+@contextmanager
+def started(command: list[str], env: dict[str, str], log_path, url: str, cwd=None):
+    """A server process (its own process group) once ``url``/ping answers; stopped with its group."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 150
+            while True:
+                try:
+                    if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"server did not start (exit {proc.poll()}):\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.25)
+            yield proc
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
 @pytest.fixture(scope="module")
 def server(registry):
     """``cxrgaze serve`` on a free loopback port, from the registry; stopped afterwards."""
     port = free_port()
     env = {**tool_env(), "MLFLOW_TRACKING_URI": registry.tracking_uri, "CXRGAZE_MAX_IMAGE_BYTES": str(SERVER_MAX_BYTES)}
-    log = (registry.root / "server.log").open("w")
-    proc = subprocess.Popen([str(VENV_BIN / "cxrgaze"), "serve", "--port", str(port)], env=env, cwd=registry.root,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"server did not start (exit {proc.poll()}):\n{(registry.root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.25)
+    with started([str(VENV_BIN / "cxrgaze"), "serve", "--port", str(port)], env, registry.root / "server.log", url,
+                 cwd=registry.root):
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the group: cxrgaze serve (exec'd mlflow) and uvicorn
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def invoke(url: str, body: dict | str) -> requests.Response:
