@@ -218,3 +218,37 @@ def test_the_experiment_opens_as_model_training_with_a_description(mlflow_store)
     client.set_experiment_tag(experiment_id, "mlflow.note.content", "my own notes")
     set_experiment()
     assert client.get_experiment(experiment_id).tags["mlflow.note.content"] == "my own notes"
+
+
+def test_a_tag_write_lost_to_a_concurrent_labeller_is_retried(mlflow_store, monkeypatch):
+    """Two commands started together label one new experiment at once; the slower one's first
+    tag insert fails as a duplicate key (as PostgreSQL answers it behind a tracking server).
+    ``set_experiment`` re-reads the tags and finishes the labelling instead of failing."""
+    from mlflow.exceptions import MlflowException
+
+    from cxrgaze.tracking import set_experiment
+
+    client = MlflowClient()
+    experiment_id = set_experiment()
+    labelled = client.get_experiment(experiment_id).tags
+    for key in ("mlflow.experimentKind", "mlflow.note.content", "cxrgaze.note_sha256"):
+        client.delete_experiment_tag(experiment_id, key)
+    real, calls = MlflowClient.set_experiment_tag, []
+
+    def set_tag_after_the_other_worker(self, exp_id, key, value):
+        calls.append(key)
+        if len(calls) == 1:  # the other worker inserts this tag first; ours is a duplicate
+            real(self, exp_id, key, value)
+            raise MlflowException('duplicate key value violates unique constraint "experiment_tag_pk"')
+        return real(self, exp_id, key, value)
+
+    monkeypatch.setattr(MlflowClient, "set_experiment_tag", set_tag_after_the_other_worker)
+    assert set_experiment() == experiment_id
+    assert client.get_experiment(experiment_id).tags == labelled
+    assert calls.count(calls[0]) == 1  # the retry saw the other worker's tag and left it alone
+    # A store that keeps refusing still fails loudly, after a few rounds.
+    client.delete_experiment_tag(experiment_id, "mlflow.experimentKind")
+    monkeypatch.setattr(MlflowClient, "set_experiment_tag",
+                        lambda *a: (_ for _ in ()).throw(MlflowException("store is read-only")))
+    with pytest.raises(Exception, match="store is read-only"):
+        set_experiment()

@@ -95,12 +95,34 @@ def set_experiment(name: str | None = None) -> str:
     apply_http_defaults()
     try:
         experiment = mlflow.set_experiment(name)
-        for key, value in experiment_tag_updates(experiment.experiment_id, experiment.tags).items():
-            MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)  # (a user's description stays)
+        label_experiment(experiment.experiment_id, experiment.tags)
         return experiment.experiment_id
     except Exception as exc:  # noqa: BLE001 - any store failure is one user-facing reason
         raise TrackingError(f"MLflow tracking store {mlflow.get_tracking_uri()}: "
                             f"{reason(exc)}") from exc
+
+
+def label_experiment(experiment_id: str, tags: Mapping[str, str], attempts: int = 3) -> None:
+    """Write the experiment's kind, description and results view where they are missing or
+    stale (:func:`~cxrgaze.mlflow_ui.experiment_tag_updates`; a user's description stays).
+
+    Commands started together (two ``cxrgaze tune`` workers on one study) label the same new
+    experiment at once; a store checks whether a tag exists before inserting it, so the
+    slower writer can hit a duplicate-key error. A failed write is therefore retried against
+    the tags as the store holds them now, where the other writer's tag is an update, not an
+    insert; the error is raised only after ``attempts`` such rounds.
+    """
+    client = MlflowClient()
+    for attempt in range(attempts):
+        try:
+            for key, value in experiment_tag_updates(experiment_id, tags).items():
+                client.set_experiment_tag(experiment_id, key, value)
+            return
+        except Exception:  # noqa: BLE001 - re-read and retry; the last failure is raised
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+            tags = client.get_experiment(experiment_id).tags
 
 
 def apply_http_defaults() -> None:
