@@ -65,11 +65,13 @@ class DicomInfo:
     (Window Center/Width) or ``minmax`` (none present: the image's own min-max)."""
 
 
-def read_dicom(source: str | Path | bytes | BinaryIO, name: str | None = None) -> tuple[np.ndarray, DicomInfo]:
+def read_dicom(source: str | Path | bytes | BinaryIO | pydicom.Dataset,
+               name: str | None = None) -> tuple[np.ndarray, DicomInfo]:
     """Decode a single-frame radiograph to float32 (H, W) in [0, 1], bright = dense.
 
-    ``source`` is a path, the file's bytes or a binary file object; ``name`` is what error
-    messages call it (default: the path). Scaling to [0, 1]: by the VOI output range when a
+    ``source`` is a path, the file's bytes, a binary file object, or a dataset that
+    :func:`read_dataset` already read (so that a caller that checks the header first reads
+    the file once); ``name`` is what error messages call it (default: the path). Scaling to [0, 1]: by the VOI output range when a
     VOI LUT or window is present (values outside the window clip), otherwise by the image's
     own min and max (the reference divided by the max; min-max also removes the offset of
     12-bit data in 16-bit words). Colour images become BT.601 luma.
@@ -80,12 +82,13 @@ def read_dicom(source: str | Path | bytes | BinaryIO, name: str | None = None) -
     """
     if name is None:
         name = str(source) if isinstance(source, (str, Path)) else "<bytes>"
-    ds = _read_dataset(source, name)
+    ds = source if isinstance(source, pydicom.Dataset) else read_dataset(source, name)
     return _pixels(ds, name)
 
 
-def _read_dataset(source: str | Path | bytes | BinaryIO, name: str) -> pydicom.Dataset:
-    """``dcmread`` with pydicom's silent truncation handling turned into ``DicomError``."""
+def read_dataset(source: str | Path | bytes | BinaryIO, name: str) -> pydicom.Dataset:
+    """``dcmread`` of the whole file, pixels not decoded, with pydicom's silent truncation
+    handling turned into ``DicomError``."""
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     elif isinstance(source, (str, Path)) and not os.path.isfile(source):

@@ -55,7 +55,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 
-from cxrgaze.serving.preprocess import JPEG_MAGIC, PNG_MAGIC, InputError, Limits, read_image
+from cxrgaze.serving.preprocess import (JPEG_MAGIC, PNG_MAGIC, InputError, Limits, dicom_dataset, dicom_image,
+                                        is_dicom, read_image)
 
 REFUSED = "refused: "
 """The start of every refusal's reason (after ``row i: `` in the pyfunc's message)."""
@@ -127,30 +128,32 @@ def admit(data: bytes, limits: Limits = Limits(), gate: Gate = Gate()) -> tuple[
     """:func:`~cxrgaze.serving.preprocess.read_image` behind the gate: the (H, W) image and
     its warning (``""`` when none); :class:`NotAdmitted` for a refused image, ``InputError``
     for one that cannot be read."""
-    if data[128:132] == b"DICM":
-        warning, tags = _check_dicom(data, gate), "Rows (0028,0010) x Columns (0028,0011)"
-    elif data.startswith(PNG_MAGIC) or data.startswith(JPEG_MAGIC):
-        warning, tags = _check_picture(data, gate), "height x width"
+    if is_dicom(data):
+        ds = dicom_dataset(data, limits)  # read once: the header checks and the decoding share it
+        warning, tags = _check_dicom(ds, gate), "Rows (0028,0010) x Columns (0028,0011)"
+        image = dicom_image(ds, limits)
     else:
-        warning, tags = "", ""  # read_image names what it is not
-    image = read_image(data, limits)
+        if data.startswith(PNG_MAGIC) or data.startswith(JPEG_MAGIC):
+            warning, tags = _check_picture(data, gate), "height x width"
+        else:
+            warning, tags = "", ""  # read_image names what it is not
+        image = read_image(data, limits)
     height, width = image.shape
     if min(height, width) < gate.min_side:
         raise NotAdmitted(f"{REFUSED}{tags} is {height} x {width}, under the minimum side of {gate.min_side} pixels")
     return image, warning
 
 
-def _check_dicom(data: bytes, gate: Gate) -> str:
-    """Refuse from the header (nothing decoded); the warning, or ``""``. An unreadable
-    header is left to ``read_image``, which names the problem."""
+def _check_dicom(header: pydicom.Dataset, gate: Gate) -> str:
+    """Refuse from the header (nothing decoded); the warning, or ``""``. A value that cannot
+    be read is left to the decoding, which names the problem."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        modality, intent, part, samples, photometric = (
-            _text(header, key) for key in ("Modality", "PresentationIntentType", "BodyPartExamined",
-                                           "SamplesPerPixel", "PhotometricInterpretation"))
-    except Exception:  # noqa: BLE001 - read_image reports damaged files with a proper reason
+            modality, intent, part, samples, photometric = (
+                _text(header, key) for key in ("Modality", "PresentationIntentType", "BodyPartExamined",
+                                               "SamplesPerPixel", "PhotometricInterpretation"))
+    except Exception:  # noqa: BLE001 - the decoding reports damaged files with a proper reason
         return ""
     if gate.modalities and modality.upper() not in gate.modalities:
         shown = "absent" if not modality else f"{modality!r}, not a projection radiograph"

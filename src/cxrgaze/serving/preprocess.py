@@ -15,7 +15,8 @@ as bright = dense, like a MONOCHROME2 DICOM. Whether an image may reach the mode
 Every problem is an :class:`InputError` with a one-line message. :class:`Limits` bounds
 the payload bytes and the decoded pixels of one image; the pixel count is checked from
 the header before any pixel data is decoded, so a small compressed file cannot expand
-into an image that exhausts memory.
+into an image that exhausts memory. A DICOM is parsed once (:func:`dicom_dataset`): the
+gate, the pixel limit and the decoding (:func:`dicom_image`) all use that one dataset.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import base64
 import binascii
 import io
 import os
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +32,7 @@ import pydicom
 from PIL import Image
 
 from cxrgaze.config import DataConfig
-from cxrgaze.data.dicom import LUMA, DicomError, ResizeMap, model_grid, read_dicom
+from cxrgaze.data.dicom import LUMA, DicomError, ResizeMap, model_grid, read_dataset, read_dicom
 from cxrgaze.errors import reason
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -91,20 +91,44 @@ def decode_base64(text: object, limits: Limits = Limits()) -> bytes:
         raise InputError(f"not valid base64 ({exc})") from None
 
 
+def is_dicom(data: bytes) -> bool:
+    """A DICOM Part 10 file: the ``DICM`` marker after the 128-byte preamble."""
+    return data[128:132] == b"DICM"
+
+
 def read_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
     """A DICOM (Part 10), PNG or JPEG file's bytes -> (H, W) float32 in [0, 1], bright = dense."""
-    if len(data) > limits.max_bytes:
-        raise InputError(f"payload of {len(data)} bytes is over the limit of {limits.max_bytes} bytes")
-    if data[128:132] == b"DICM":
-        _check_dicom_pixels(data, limits)
-        try:
-            image, _ = read_dicom(data, name="DICOM")
-        except DicomError as exc:
-            raise InputError(str(exc)) from None
-        return image
+    if is_dicom(data):
+        return dicom_image(dicom_dataset(data, limits), limits)
+    _check_bytes(data, limits)
     if data.startswith(PNG_MAGIC) or data.startswith(JPEG_MAGIC):
         return _read_picture(data, limits)
     raise InputError("not an image: neither a DICOM file (no 'DICM' marker at byte 128) nor a PNG or JPEG")
+
+
+def dicom_dataset(data: bytes, limits: Limits = Limits()) -> pydicom.Dataset:
+    """A DICOM file's bytes, within ``limits.max_bytes``, read once (pixels not decoded): the
+    gate reads its header from this dataset and :func:`dicom_image` decodes it."""
+    _check_bytes(data, limits)
+    try:
+        return read_dataset(data, name="DICOM")
+    except DicomError as exc:
+        raise InputError(str(exc)) from None
+
+
+def dicom_image(ds: pydicom.Dataset, limits: Limits = Limits()) -> np.ndarray:
+    """The (H, W) [0, 1] image of a read DICOM dataset; Rows x Columns are checked against
+    ``limits.max_pixels`` before anything is decoded."""
+    try:
+        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    except (TypeError, ValueError):  # a damaged value: read_dicom names the problem
+        rows = columns = 0
+    _check_pixels(rows, columns, limits)
+    try:
+        image, _ = read_dicom(ds, name="DICOM")
+    except DicomError as exc:
+        raise InputError(str(exc)) from None
+    return image
 
 
 def to_model_grid(image: np.ndarray, config: DataConfig) -> np.ndarray:
@@ -126,19 +150,9 @@ def _check_pixels(height: int, width: int, limits: Limits) -> None:
         raise InputError(f"image of {width} x {height} pixels is over the limit of {limits.max_pixels} pixels")
 
 
-def _check_dicom_pixels(data: bytes, limits: Limits) -> None:
-    """Refuse a DICOM whose Rows x Columns is over the limit, before decoding its pixels.
-
-    A header that cannot be read here is left to ``read_dicom``, which names the problem.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        rows, columns = int(header.get("Rows", 0) or 0), int(header.get("Columns", 0) or 0)
-    except Exception:  # noqa: BLE001 - read_dicom reports damaged files with a proper reason
-        return
-    _check_pixels(rows, columns, limits)
+def _check_bytes(data: bytes, limits: Limits) -> None:
+    if len(data) > limits.max_bytes:
+        raise InputError(f"payload of {len(data)} bytes is over the limit of {limits.max_bytes} bytes")
 
 
 def _read_picture(data: bytes, limits: Limits) -> np.ndarray:
