@@ -16,9 +16,9 @@ import requests
 
 from cxrgaze import CLASSES
 from cxrgaze.serving.serve import serve_command, serve_env
-from cxrgaze.serving.server import readable, split_multipart
+from cxrgaze.serving.server import RequestError, readable, split_multipart
 
-from conftest import free_port, tool_env
+from conftest import VENV_BIN, free_port, tool_env
 from test_serving import b64, dataset, pyfunc, registry, samples, server, started  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.timeout(180)
@@ -76,13 +76,20 @@ def test_multipart_related_with_two_dicoms_gives_two_predictions(server, samples
 
 
 def test_multipart_split_keeps_binary_parts_intact():
-    parts = [b"\r\n--not-the-boundary\r\n\x00\xff", bytes(range(256)) * 3]
-    body, content_type = multipart(parts, "b0undary")
     from email.message import Message
 
+    parts = [b"\r\n--not-the-boundary\r\n\x00\xff", bytes(range(256)) * 3]
+    body, content_type = multipart(parts, "b0undary")
     parsed = Message()
     parsed["content-type"] = content_type
     assert split_multipart(body, parsed) == parts
+    no_preamble = body[body.index(b"--b0undary"):]
+    assert split_multipart(no_preamble, parsed) == parts
+    no_headers = b"--b0undary\r\n\r\nfile one\r\n--b0undary\r\n\r\n\r\n\r\nfile two\r\n--b0undary--"
+    assert split_multipart(no_headers, parsed) == [b"file one", b"\r\n\r\nfile two"]
+    for cut in (body[:-len(b"--\r\nepilogue, ignored") - 12], b"no delimiter at all"):
+        with pytest.raises(RequestError, match="no close delimiter"):
+            split_multipart(cut, parsed)
 
 
 @pytest.mark.parametrize("content_type", [None, "text/plain"])
@@ -143,3 +150,30 @@ def test_mlflow_models_serve_still_answers_the_json_route(registry, samples, pyf
         pd.testing.assert_frame_equal(pd.DataFrame(answer.json()["predictions"]), local, check_dtype=False)
         bad = requests.post(f"{url}/invocations", json={"dataframe_records": [{"image": "@@"}]}, timeout=60)
         assert bad.status_code == 400 and "row 0: not valid base64" in bad.json()["message"]
+
+
+@pytest.mark.slow
+def test_a_client_that_stops_sending_gets_a_504_after_the_request_timeout(registry, samples):
+    """The request timeout of ``mlflow models serve`` (``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``)
+    holds on cxrgaze's own route too, upload included: a stalled upload does not hold the
+    request open, and the server goes on answering."""
+    import socket
+    import time
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**tool_env(), "MLFLOW_TRACKING_URI": registry.tracking_uri, "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": "2"}
+    with started([str(VENV_BIN / "cxrgaze"), "serve", "--port", str(port)], env, registry.root / "server-504.log",
+                 url, cwd=registry.root):
+        dicom = samples["rle"].read_bytes()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as stalled:
+            stalled.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/dicom\r\n"
+                            b"Content-Length: %d\r\n\r\n" % len(dicom) + dicom[:1000])
+            start = time.monotonic()
+            head, _, body = stalled.recv(65536).partition(b"\r\n\r\n")
+            waited = time.monotonic() - start
+        assert head.startswith(b"HTTP/1.1 504"), head
+        assert 1.5 < waited < 20
+        assert b'"error_code": "DEADLINE_EXCEEDED"' in body and b"MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT" in body
+        answer = post(url, dicom, "application/dicom", "?heatmap=none")  # a whole request is still answered
+        assert answer.status_code == 200, answer.text[:2000]

@@ -1,8 +1,8 @@
 """cxrgaze's scoring server: MLflow's own FastAPI scoring app with cxrgaze's ``/invocations`` in front.
 
-``cxrgaze serve`` runs this app under uvicorn. ``/ping``, ``/health`` and ``/version`` are
-MLflow's (``mlflow.pyfunc.scoring_server.init``); ``/invocations`` is cxrgaze's route, placed
-before MLflow's, and takes:
+``cxrgaze serve`` runs this app (:class:`ScoringApp`) under uvicorn. ``/ping``, ``/health`` and
+``/version`` are MLflow's (``mlflow.pyfunc.scoring_server.init``); ``POST /invocations`` is
+cxrgaze's, answered in front of MLflow's app, and takes:
 
 - ``application/json`` (also ``text/csv``, ``application/vnd.apache.parquet``): MLflow's
   protocol, parsed by MLflow's own code (``dataframe_split``, ``dataframe_records``,
@@ -23,7 +23,8 @@ Every refusal is JSON ``{"error_code", "message"}`` whose message starts with th
 (``row 0: not valid base64 ...``), without MLflow's ``Failed to predict data '<table>'``
 prefix nor an echo of the request body; a request without a Content-Type, or with another
 one, gets 415 naming the accepted types; a batch refused by the gate (not a chest radiograph,
-:mod:`cxrgaze.serving.gate`) gets 422, other bad input 400.
+:mod:`cxrgaze.serving.gate`) gets 422, other bad input 400; a request not answered within
+``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT`` seconds, upload included, 504.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from email.message import Message
 from typing import Any
 
 import pandas as pd
+from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PyFuncModel
 from mlflow.pyfunc import scoring_server as mlflow_scoring
@@ -100,7 +102,10 @@ def readable(message: str) -> str:
 
 
 def split_multipart(body: bytes, content_type: Message) -> list[bytes]:
-    """The parts of a ``multipart/related`` body (RFC 2046), each an image file."""
+    """The parts of a ``multipart/related`` body (RFC 2046), each an image file.
+
+    The body is searched in place and each part's content copied out once (a batch of 16
+    films is a 230 MB body: splitting copies of it cost as much as decoding a film)."""
     boundary = content_type.get_param("boundary")
     kind = content_type.get_param("type")
     if not isinstance(boundary, str) or not boundary:
@@ -108,24 +113,32 @@ def split_multipart(body: bytes, content_type: Message) -> list[bytes]:
     if isinstance(kind, str) and kind.lower() != DICOM:
         raise RequestError(415, f"multipart/related: type must be {DICOM!r}, got {kind!r}",
                            "UNSUPPORTED_MEDIA_TYPE")
-    delimiter = b"\r\n--" + boundary.encode("latin-1")
-    segments = (b"\r\n" + body).split(delimiter)
-    files = []
-    for i, segment in enumerate(segments[1:]):
-        if segment.startswith(b"--"):  # the close delimiter; the rest is the epilogue
-            break
-        head, sep, content = segment.partition(b"\r\n\r\n")
-        if not sep:
+    delimiter = b"\r\n--" + boundary.encode("latin-1")  # a delimiter line; the first may open the body
+    if body.startswith(delimiter[2:]):  # no preamble
+        at = len(delimiter) - 2
+    else:
+        found = body.find(delimiter)
+        at = found + len(delimiter) if found >= 0 else -1
+    cut_short = RequestError(400, "multipart/related: no close delimiter (--boundary--): the body is cut short")
+    if at < 0:
+        raise cut_short
+    files: list[bytes] = []
+    while body[at:at + 2] != b"--":  # ``at``: just after a delimiter; ``--`` closes, the rest is the epilogue
+        end = body.find(delimiter, at)
+        if end < 0:
+            raise cut_short
+        i = len(files)
+        blank = body.find(b"\r\n\r\n", at, end)
+        if blank < 0:
             raise RequestError(400, f"row {i}: multipart part without a blank line after its headers")
-        headers = head.partition(b"\r\n")[2].decode("latin-1").lower()  # line 1: rest of the delimiter line
-        part_type = next((line.split(":", 1)[1].strip() for line in headers.split("\r\n")
+        head = body[at:blank].decode("latin-1").lower()  # line 1: the rest of the delimiter line
+        part_type = next((line.split(":", 1)[1].strip() for line in head.split("\r\n")[1:]
                           if line.startswith("content-type:")), DICOM)
         if part_type.split(";")[0].strip() not in RAW_TYPES:
             raise RequestError(415, f"row {i}: part Content-Type {part_type!r}; each part must be one of "
                                f"{', '.join(RAW_TYPES)}", "UNSUPPORTED_MEDIA_TYPE")
-        files.append(content)
-    else:
-        raise RequestError(400, "multipart/related: no close delimiter (--boundary--): the body is cut short")
+        files.append(body[blank + 4:end])
+        at = end + len(delimiter)
     if not files:
         raise RequestError(400, "multipart/related: no parts")
     return files
@@ -195,47 +208,68 @@ def _error(status: int, error_code: str, message: str) -> Response:
                     media_type="application/json")
 
 
-async def _invocations(scorer: Scorer, request: Request) -> Response:
-    """cxrgaze's ``/invocations`` (see the module docstring)."""
-    header = request.headers.get("content-type")
-    parsed = Message()
-    parsed["content-type"] = header or "application/x-missing"
-    mime = parsed.get_content_type()
-    try:
-        if not header or (mime not in RAW_TYPES + TABLE_TYPES and mime != MULTIPART):
-            got = f"got {header!r}" if header else "the request has no Content-Type"
-            raise RequestError(415, f"unsupported Content-Type: {got}; accepted: {ACCEPTED}",
-                               "UNSUPPORTED_MEDIA_TYPE")
-        body = await request.body()
-        if mime in TABLE_TYPES:
-            content, status = await asyncio.to_thread(scorer.table, body, header)
+class ScoringApp:
+    """The ASGI app that ``cxrgaze serve`` runs.
+
+    ``POST /invocations`` is answered here, as plain ASGI: no FastAPI routing and no
+    ``@app.middleware("http")`` wrapper, whose body streams cost milliseconds per 15 MB film
+    (BENCHMARKS.md, serving). MLflow's request timeout (``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``,
+    seconds, the same variable and default as ``mlflow models serve``) is applied here
+    instead, from the first byte of the body to the answer: a client that stops sending
+    gets a 504 rather than holding the request open. Everything else (``/ping``,
+    ``/health``, ``/version``, other methods) goes to MLflow's own app.
+    """
+
+    def __init__(self, mlflow_app: Any, scorer: Scorer, timeout: float) -> None:
+        self.mlflow_app, self.scorer, self.timeout = mlflow_app, scorer, timeout
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/invocations" and scope["method"] == "POST":
+            request = Request(scope, receive)
+            try:
+                response = await asyncio.wait_for(self.invocations(request), timeout=self.timeout)
+            except (asyncio.TimeoutError, TimeoutError):
+                response = _error(504, "DEADLINE_EXCEEDED", f"the request took over {self.timeout:g} s "
+                                  "(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT), body upload included")
+            await response(scope, receive, send)
         else:
-            if mime != MULTIPART and not body:
-                raise RequestError(400, "row 0: empty body (no image)")
-            files = split_multipart(body, parsed) if mime == MULTIPART else [body]
-            params = query_params(dict(request.query_params))
-            content, status = await asyncio.to_thread(scorer.raw, files, params), 200
-    except RequestError as exc:
-        return _error(exc.status, exc.error_code, exc.message)
-    except MlflowException as exc:  # the gate's refusals (attribute, not class: see cxrgaze.serving.gate) are 422
-        status = 422 if getattr(exc, "gate_refusal", False) else exc.get_http_status_code()
-        return _error(status, exc.error_code, readable(exc.message))
-    return Response(content, status_code=status, media_type="application/json")
+            await self.mlflow_app(scope, receive, send)
+
+    async def invocations(self, request: Request) -> Response:
+        """cxrgaze's ``/invocations`` (see the module docstring)."""
+        header = request.headers.get("content-type")
+        parsed = Message()
+        parsed["content-type"] = header or "application/x-missing"
+        mime = parsed.get_content_type()
+        try:
+            if not header or (mime not in RAW_TYPES + TABLE_TYPES and mime != MULTIPART):
+                got = f"got {header!r}" if header else "the request has no Content-Type"
+                raise RequestError(415, f"unsupported Content-Type: {got}; accepted: {ACCEPTED}",
+                                   "UNSUPPORTED_MEDIA_TYPE")
+            body = b"".join([chunk async for chunk in request.stream()])  # (request.body() would keep a copy)
+            if mime in TABLE_TYPES:
+                content, status = await asyncio.to_thread(self.scorer.table, body, header)
+            else:
+                if mime != MULTIPART and not body:
+                    raise RequestError(400, "row 0: empty body (no image)")
+                files = split_multipart(body, parsed) if mime == MULTIPART else [body]
+                del body  # a multipart body's parts are copies: free the 230 MB of a 16-film batch now
+                params = query_params(dict(request.query_params))
+                content, status = await asyncio.to_thread(self.scorer.raw, files, params), 200
+        except RequestError as exc:
+            return _error(exc.status, exc.error_code, exc.message)
+        except MlflowException as exc:  # the gate's refusals (attribute, not class: see cxrgaze.serving.gate) are 422
+            status = 422 if getattr(exc, "gate_refusal", False) else exc.get_http_status_code()
+            return _error(status, exc.error_code, readable(exc.message))
+        return Response(content, status_code=status, media_type="application/json")
 
 
-def create_app(model_uri: str) -> Any:
-    """MLflow's scoring app for the model at ``model_uri``, with cxrgaze's ``/invocations`` first."""
-    from fastapi.routing import APIRoute
-
+def create_app(model_uri: str) -> ScoringApp:
+    """The :class:`ScoringApp` for the model at ``model_uri``: MLflow's scoring app with cxrgaze's
+    ``/invocations`` in front."""
     load_uri, info = resolve_model(model_uri)
     model = mlflow_scoring.load_model_with_mlflow_config(load_uri)
-    app = mlflow_scoring.init(model)
-    scorer = Scorer(model, info)
-
-    async def invocations(request: Request) -> Response:
-        return await _invocations(scorer, request)
-
-    app.router.routes.insert(0, APIRoute("/invocations", invocations, methods=["POST"]))
+    app = ScoringApp(mlflow_scoring.init(model), Scorer(model, info), MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get())
     print(f"cxrgaze serve: {model_uri} -> {load_uri} (version {info['version']})", file=sys.stderr, flush=True)
     return app
 
