@@ -14,11 +14,13 @@ serve`` of the same model, each on a free loopback port; writes full-size 12-bit
   built once; the time is the POST and the parsing of the answer.
 - Throughput: requests of ``--batch`` DICOMs (``multipart/related`` for the raw route),
   images per second over ``--rounds``.
+- Pyfunc: the registered model loaded in this process (``mlflow.pyfunc.load_model``) and its
+  ``predict_bytes`` called with the file's bytes: what the raw route runs, without HTTP.
 - Bare: in this process, ``preprocess`` (the served code: decode, resize, float16) of the
   file's bytes and the U-Net forward (mask and class logits, the work the default heatmap
   needs), softmax and sigmoid; no base64, JSON, HTTP or PNG.
 
-The calls of the four kinds alternate, so that a drift of a shared machine hits all alike.
+The calls of the five kinds alternate, so that a drift of a shared machine hits all alike.
 Torch uses the same number of threads in all processes (``--threads``; ``--device cuda``
 runs all on the GPU).
 
@@ -120,9 +122,11 @@ def start_server(root: Path, tracking_uri: str, device: str, threads: int,
         time.sleep(0.25)
 
 
-KINDS = ("bare", "raw", "json", "mlflow json")
-"""bare; cxrgaze serve with the DICOM as the body (multipart for a batch); cxrgaze serve with
-MLflow's JSON; mlflow models serve with the same JSON (today's baseline)."""
+KINDS = ("bare", "pyfunc", "raw", "json", "mlflow json")
+"""bare; the registered pyfunc's ``predict_bytes`` in this process (gate, preprocess, forward,
+heatmap PNG: the served work without HTTP); cxrgaze serve with the DICOM as the body
+(multipart for a batch); cxrgaze serve with MLflow's JSON; mlflow models serve with the
+same JSON (today's baseline)."""
 BOUNDARY = "cxrgaze-bench-boundary"
 
 
@@ -213,9 +217,13 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
 
+            os.environ["CXRGAZE_DEVICE"] = args.device  # the in-process pyfunc's device, as the servers'
+            served = mlflow.pyfunc.load_model("models:/cxrgaze@champion").unwrap_python_model()
+
             def calls(batch: list[bytes]) -> dict:
                 js, (raw, raw_type) = json_body(batch), raw_body(batch)
-                return {"bare": lambda: bare(batch), "raw": lambda: post(url, raw, raw_type, len(batch)),
+                return {"bare": lambda: bare(batch), "pyfunc": lambda: served.predict_bytes(batch, {}),
+                        "raw": lambda: post(url, raw, raw_type, len(batch)),
                         "json": lambda: post(url, js, "application/json", len(batch)),
                         "mlflow json": lambda: post(mlflow_url, js, "application/json", len(batch))}
 
