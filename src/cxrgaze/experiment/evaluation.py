@@ -36,6 +36,7 @@ from cxrgaze.data.split import read_split
 from cxrgaze.evaluate import EvalResult, evaluate
 from cxrgaze.experiment.training import EPOCH_PREFIX, data_params, prepared_data_config, run_params
 from cxrgaze.registry import Candidate, register_and_promote, val_auc_of_model, validation_set_id
+from cxrgaze.runtime import resolve_device
 from cxrgaze.serving.log import log_model
 from cxrgaze.tracking import (CHECKPOINT_TAG, EVALUATED_TAG, EVALUATION_TAG, NOTE_TAG, RUN_FILE, EpochLogger,
                               TrackingError, data_version, file_digest, find_runs, finite_metrics, flatten,
@@ -59,7 +60,7 @@ def evaluate_tracked(
     train_dir, out_dir, prepared_dir = Path(train_dir), Path(out_dir), Path(prepared_dir)
     config = config or EvalConfig()
     set_experiment()
-    with _evaluation_run(train_dir, prepared_dir) as (run_id, parent):
+    with _evaluation_run(train_dir, prepared_dir, str(resolve_device(config.device))) as (run_id, parent):
         result = evaluate(train_dir / "best.pt", prepared_dir, split_csv, out_dir, config,
                           history_csv=train_dir / "history.csv", figures_dir=figures_dir, progress=progress)
         model_uri = _log_evaluation(parent, train_dir, out_dir, list(result.figures.values()), prepared_dir,
@@ -123,7 +124,7 @@ def log_restored_evaluation(train_dir: str | Path, eval_dir: str | Path, figures
     train_dir, eval_dir, prepared_dir = Path(train_dir), Path(eval_dir), Path(prepared_dir)
     set_experiment()
     figures = sorted(Path(figures_dir).glob("*.png")) if Path(figures_dir).is_dir() else []
-    with _evaluation_run(train_dir, prepared_dir) as (run_id, parent):
+    with _evaluation_run(train_dir, prepared_dir, "unknown") as (run_id, parent):  # evaluated elsewhere
         print(f"{eval_dir}: restored by DVC, logged by no run in {mlflow.get_tracking_uri()}: "
               f"logging it into run {run_id}")
         return run_id, _log_evaluation(parent, train_dir, eval_dir, figures, prepared_dir,
@@ -144,8 +145,9 @@ def training_run(train_dir: Path) -> str | None:
 
 
 @contextmanager
-def _evaluation_run(train_dir: Path, prepared_dir: Path) -> Iterator[tuple[str, str | None]]:
-    """An evaluation run of ``train_dir/best.pt``, active in the block: ``(run_id, parent)``.
+def _evaluation_run(train_dir: Path, prepared_dir: Path, device: str) -> Iterator[tuple[str, str | None]]:
+    """An evaluation run of ``train_dir/best.pt`` on ``device`` (its ``cxrgaze.device`` tag),
+    active in the block: ``(run_id, parent)``.
 
     It is named ``<variant> evaluation``, nested under the checkpoint's training run
     (``parent``) when this store holds it, and carries the training's params (so that
@@ -159,7 +161,7 @@ def _evaluation_run(train_dir: Path, prepared_dir: Path) -> Iterator[tuple[str, 
         print(f"{train_dir / 'best.pt'}: no run in {mlflow.get_tracking_uri()} trained it; the evaluation run "
               "gets the training params and curves")
     with mlflow.start_run(run_name=f"{variant} evaluation", parent_run_id=parent) as run:
-        mlflow.set_tags({**run_tags(variant, "unknown"), CHECKPOINT_TAG: file_digest(train_dir / "best.pt"),
+        mlflow.set_tags({**run_tags(variant, device), CHECKPOINT_TAG: file_digest(train_dir / "best.pt"),
                          "cxrgaze.kind": "evaluation"})
         mlflow.log_params(run_params(ckpt["config"]))
         mlflow.log_params(flatten({"data": data_params(prepared_dir)}))
