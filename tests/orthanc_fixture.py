@@ -39,8 +39,9 @@ from typing import Iterator
 import pytest
 import requests
 
+from apt import install_packages
 from conftest import free_port
-from postgres_fixture import _sayer, _tail
+from postgres_fixture import _sayer
 
 ENV_URL = "CXRGAZE_TEST_ORTHANC_URL"
 PACKAGES = ("orthanc", "orthanc-dicomweb")
@@ -99,33 +100,8 @@ def find_orthanc() -> tuple[Path, Path] | None:
 
 def install_orthanc(say) -> None:
     """Install Debian's ``orthanc`` and ``orthanc-dicomweb`` (root + apt-get only); raises :class:`OrthancUnavailable`."""
-    if os.geteuid() != 0:
-        raise OrthancUnavailable("Orthanc with its DICOMweb plugin is not installed and we are not root to install it "
-                                 f"(apt-get install {' '.join(PACKAGES)}), and {ENV_URL} is not set")
-    if not shutil.which("apt-get"):
-        raise OrthancUnavailable(f"Orthanc with its DICOMweb plugin is not installed, there is no apt-get to install "
-                                 f"it, and {ENV_URL} is not set")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
-
-    def apt(cmd: list[str]) -> subprocess.CompletedProcess:
-        say(f"orthanc fixture: running `{' '.join(cmd)}`")
-        started = time.monotonic()
-        try:
-            proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900)
-        except subprocess.TimeoutExpired:
-            raise OrthancUnavailable(f"`{' '.join(cmd)}` did not finish in 15 minutes") from None
-        say(f"orthanc fixture: `{' '.join(cmd[:2])}` exited {proc.returncode} after {time.monotonic() - started:.0f} s")
-        return proc
-
-    proc = apt(install)
-    if proc.returncode != 0:  # a clean image has no package lists yet
-        update = apt(["apt-get", "update", "-q"])
-        if update.returncode != 0:
-            raise OrthancUnavailable(f"`apt-get update` failed (exit {update.returncode}): {_tail(update)}")
-        proc = apt(install)
-    if proc.returncode != 0:
-        raise OrthancUnavailable(f"`{' '.join(install)}` failed (exit {proc.returncode}): {_tail(proc)}")
+    install_packages(list(PACKAGES), "orthanc", f"Orthanc with its DICOMweb plugin is not installed and {ENV_URL} is "
+                     "not set", OrthancUnavailable, say)
 
 
 class Server:

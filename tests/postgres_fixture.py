@@ -40,6 +40,7 @@ from typing import Iterator
 
 import pytest
 
+from apt import install_packages, tail
 from conftest import free_port
 
 ENV_URL = "CXRGAZE_TEST_POSTGRES_URL"
@@ -72,38 +73,8 @@ def find_bindir() -> Path | None:
 
 def install_postgresql(say) -> None:
     """Install Debian's ``postgresql`` package (root + apt-get only); raises :class:`PostgresUnavailable`."""
-    if os.geteuid() != 0:
-        raise PostgresUnavailable("PostgreSQL (initdb, pg_ctl) is not installed and we are not root to install it "
-                                  f"(apt-get install postgresql), and {ENV_URL} is not set")
-    if not shutil.which("apt-get"):
-        raise PostgresUnavailable(f"PostgreSQL (initdb, pg_ctl) is not installed, there is no apt-get to install it, "
-                                  f"and {ENV_URL} is not set")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "postgresql"]
-
-    def apt(cmd: list[str]) -> subprocess.CompletedProcess:
-        say(f"postgres fixture: running `{' '.join(cmd)}`")
-        started = time.monotonic()
-        try:
-            proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900)
-        except subprocess.TimeoutExpired:
-            raise PostgresUnavailable(f"`{' '.join(cmd)}` did not finish in 15 minutes") from None
-        say(f"postgres fixture: `{' '.join(cmd[:2])}` exited {proc.returncode} after {time.monotonic() - started:.0f} s")
-        return proc
-
-    proc = apt(install)
-    if proc.returncode != 0:  # a clean image has no package lists yet
-        update = apt(["apt-get", "update", "-q"])
-        if update.returncode != 0:
-            raise PostgresUnavailable(f"`apt-get update` failed (exit {update.returncode}): {_tail(update)}")
-        proc = apt(install)
-    if proc.returncode != 0:
-        raise PostgresUnavailable(f"`{' '.join(install)}` failed (exit {proc.returncode}): {_tail(proc)}")
-
-
-def _tail(proc: subprocess.CompletedProcess, lines: int = 5) -> str:
-    text = ((proc.stdout or "") + (proc.stderr or "")).strip().splitlines()
-    return " | ".join(text[-lines:]) or "(no output)"
+    install_packages(["postgresql"], "postgres", f"PostgreSQL (initdb, pg_ctl) is not installed and {ENV_URL} is not set",
+                     PostgresUnavailable, say)
 
 
 class Postgres:
@@ -198,7 +169,7 @@ class Cluster:
             proc = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin",
                                    name], capture_output=True, text=True)
             if proc.returncode != 0:
-                raise PostgresUnavailable(f"PostgreSQL refuses to run as root and `useradd {name}` failed: {_tail(proc)}")
+                raise PostgresUnavailable(f"PostgreSQL refuses to run as root and `useradd {name}` failed: {tail(proc)}")
         return name
 
     def _run(self, *cmd: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -218,7 +189,7 @@ class Cluster:
         proc = self._run("initdb", "--pgdata", str(self.data), "--username", USER, "--auth", "trust", "--encoding", "UTF8",
                          "--no-locale", "--no-sync")
         if proc.returncode != 0:
-            raise PostgresUnavailable(f"initdb failed (exit {proc.returncode}): {_tail(proc)}")
+            raise PostgresUnavailable(f"initdb failed (exit {proc.returncode}): {tail(proc)}")
         for attempt in range(3):  # the free port may be taken in between
             self.port = free_port()
             options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
@@ -231,7 +202,7 @@ class Cluster:
             self._kill_leftover()
             log = self.log.read_text(errors="replace") if self.log.exists() else ""
             if "could not bind" not in log or attempt == 2:
-                raise PostgresUnavailable(f"pg_ctl start failed (exit {proc.returncode}): {_tail(proc)} "
+                raise PostgresUnavailable(f"pg_ctl start failed (exit {proc.returncode}): {tail(proc)} "
                                           f"| server log: {' | '.join(log.strip().splitlines()[-5:])}")
         url = f"postgresql+psycopg2://{USER}@127.0.0.1:{self.port}/postgres"
         server = Postgres(url, owned=True)
