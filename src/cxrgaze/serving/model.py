@@ -132,18 +132,48 @@ class CxrGazeModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Diagnosis and heatmap for each row of ``model_input`` (see the module docstring)."""
-        heatmap, size = self._options(params or {})
-        return self._predict_images(*self._decode(model_input), heatmap, size)
+        heatmap, size = self.options(params or {})
+        return self.predict_grids(*self._decode(model_input), heatmap, size)
 
     def predict_bytes(self, files: list[bytes], params: dict[str, Any] | None = None) -> pd.DataFrame:
         """:meth:`predict` of image files given as bytes (no base64, no table): the raw-body route of
         :mod:`cxrgaze.serving.server`. The same preprocessing, errors (``row i`` is ``files[i]``) and output;
-        ``params`` are not filled from the signature here: a missing one takes the model's default."""
-        heatmap, size = self._options(params or {})
-        return self._predict_images(*self._decode_all(files, lambda data: data), heatmap, size)
+        ``params`` are not filled from the signature here: a missing one takes the model's default.
 
-    def _predict_images(self, images: np.ndarray, notes: list[str], heatmap: str, size: int) -> pd.DataFrame:
-        """(B, S, S) float16 model inputs and their gate warnings -> the output table."""
+        The same work in steps, for a caller that receives the files one by one (the server's
+        multipart route decodes each part while the next is uploading): :meth:`options`, then
+        :meth:`read_file` of each file, :meth:`batch` of their outcomes, :meth:`predict_grids`."""
+        heatmap, size = self.options(params or {})
+        return self.predict_grids(*self._decode_all(files, lambda data: data), heatmap, size)
+
+    def read_file(self, data: bytes) -> tuple[np.ndarray, str]:
+        """One image file's bytes -> its (S, S) float16 model input and gate warning, through the
+        gate (:func:`~cxrgaze.serving.gate.admit`); ``InputError`` (``NotAdmitted`` for a refusal)
+        saying why not. Holds no lock: files may be read while the model predicts."""
+        image, note = admit(data, self.limits, self.gate)
+        return to_model_grid(image, self.data_config), note
+
+    def batch(self, outcomes: list[tuple[np.ndarray, str] | BaseException]) -> tuple[np.ndarray, list[str]]:
+        """Each row's :meth:`read_file` result, or the exception it raised -> (B, S, S) float16 and
+        the warnings, or one exception naming every bad row (the module docstring). An exception
+        other than ``InputError`` is not about the input: the first is raised as it is."""
+        if len(outcomes) == 0:
+            raise _invalid("input: empty batch (no rows)")
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, InputError):
+                raise outcome
+        errors = [(row, exc) for row, exc in enumerate(outcomes) if isinstance(exc, InputError)]
+        if errors:
+            listed = "; ".join(f"row {row}: {exc}" for row, exc in errors[:MAX_LISTED_ERRORS])
+            if len(errors) > 1:
+                listed += f" ({len(errors)} of {len(outcomes)} rows are bad; nothing was predicted)"
+            refused = all(isinstance(exc, NotAdmitted) for _, exc in errors)
+            raise GateRefusal(listed) if refused else _invalid(listed)
+        return np.stack([grid for grid, _ in outcomes]), [note for _, note in outcomes]
+
+    def predict_grids(self, images: np.ndarray, notes: list[str], heatmap: str, size: int) -> pd.DataFrame:
+        """(B, S, S) float16 model inputs and their gate warnings -> the output table, for the
+        ``heatmap`` and ``size`` of :meth:`options`."""
         probs, maps = [], []
         with self._lock:
             for start in range(0, len(images), CHUNK):
@@ -162,7 +192,9 @@ class CxrGazeModel(mlflow.pyfunc.PythonModel):
         table["warnings"] = notes
         return table
 
-    def _options(self, params: dict[str, Any]) -> tuple[str, int]:
+    def options(self, params: dict[str, Any]) -> tuple[str, int]:
+        """``(heatmap, heatmap_size)`` from the request's params, the model's defaults where absent;
+        an ``INVALID_PARAMETER_VALUE`` naming a bad one."""
         heatmap = params.get("heatmap") or default_heatmap(self.has_decoder)
         if heatmap not in HEATMAPS:
             raise _invalid(f"params: heatmap must be one of {', '.join(HEATMAPS)}; got {heatmap!r}")
@@ -185,24 +217,14 @@ class CxrGazeModel(mlflow.pyfunc.PythonModel):
         return self._decode_all(model_input[INPUT_COLUMN].tolist(), lambda text: decode_base64(text, self.limits))
 
     def _decode_all(self, values: list[Any], to_bytes: Callable[[Any], bytes]) -> tuple[np.ndarray, list[str]]:
-        """Each value -> bytes (``to_bytes``) -> model grid: (B, S, S) float16, or one exception naming every bad row."""
-        if len(values) == 0:
-            raise _invalid("input: empty batch (no rows)")
-        images, notes, errors, refused = [], [], [], 0
-        for row, value in enumerate(values):
+        """Each value -> bytes (``to_bytes``) -> :meth:`read_file`, one at a time -> :meth:`batch`."""
+        outcomes: list[tuple[np.ndarray, str] | InputError] = []
+        for value in values:
             try:
-                image, note = admit(to_bytes(value), self.limits, self.gate)
-                images.append(to_model_grid(image, self.data_config))
-                notes.append(note)
+                outcomes.append(self.read_file(to_bytes(value)))
             except InputError as exc:
-                errors.append(f"row {row}: {exc}")
-                refused += isinstance(exc, NotAdmitted)
-        if errors:
-            listed = "; ".join(errors[:MAX_LISTED_ERRORS])
-            if len(errors) > 1:
-                listed += f" ({len(errors)} of {len(values)} rows are bad; nothing was predicted)"
-            raise GateRefusal(listed) if refused == len(errors) else _invalid(listed)
-        return np.stack(images), notes
+                outcomes.append(exc)
+        return self.batch(outcomes)
 
     def _infer(self, x: torch.Tensor, heatmap: str) -> tuple[np.ndarray, np.ndarray | None]:
         """Class scores (b, K; :mod:`cxrgaze.predict`) and heatmaps (b, S, S) in [0, 1] (None for ``none``) of
