@@ -16,10 +16,11 @@ import requests
 
 from cxrgaze import CLASSES
 from cxrgaze.serving.serve import serve_command, serve_env
-from cxrgaze.serving.server import RequestError, readable, split_multipart
+from cxrgaze.serving.server import MultipartReader, RequestError, readable, split_multipart
 
 from conftest import VENV_BIN, free_port, tool_env
-from test_serving import b64, dataset, pyfunc, registry, samples, server, started  # noqa: F401 - fixtures
+from test_serving import (SERVER_MAX_BYTES, b64, dataset, pyfunc, registry, samples, server,  # noqa: F401
+                          started)
 
 pytestmark = pytest.mark.timeout(180)
 PROBS = [f"prob_{c}" for c in CLASSES]
@@ -92,6 +93,39 @@ def test_multipart_split_keeps_binary_parts_intact():
             split_multipart(cut, parsed)
 
 
+@pytest.mark.parametrize("size", [1, 2, 7, 11, 4096])
+def test_multipart_read_as_it_arrives_gives_the_same_parts(size):
+    """The server feeds the body as uploaded; delimiters split across chunks still split the parts."""
+    from email.message import Message
+
+    parts = [b"\r\n--b0undar\r\n\x00\xff--", bytes(range(256)) * 3, b"-"]
+    body, content_type = multipart(parts, "b0undary")
+    parsed = Message()
+    parsed["content-type"] = content_type
+    for start in (0, body.index(b"--b0undary")):  # with a preamble and without
+        reader, got = MultipartReader(parsed), []
+        for i in range(start, len(body), size):
+            got += reader.feed(body[i:i + size])
+        reader.close()
+        assert got == parts
+    reader = MultipartReader(parsed)
+    reader.feed(body[:-30])
+    with pytest.raises(RequestError, match="no close delimiter"):
+        reader.close()
+
+
+def test_a_multipart_part_over_the_size_limit_is_refused_before_it_has_all_arrived():
+    from email.message import Message
+
+    body, content_type = multipart([b"small", b"x" * 200_000], "b0undary")
+    parsed = Message()
+    parsed["content-type"] = content_type
+    reader = MultipartReader(parsed, max_part=1000)
+    assert reader.feed(body[:10_000]) == [b"small"]  # row 1 has begun: under the limit and its header allowance
+    with pytest.raises(RequestError, match=r"^row 1: payload of more than 1000 bytes is over the limit"):
+        reader.feed(body[10_000:100_000])  # not yet the whole part (200 kB)
+
+
 @pytest.mark.parametrize("content_type", [None, "text/plain"])
 def test_missing_or_unsupported_content_type_is_415_naming_the_accepted_types(server, samples, content_type):
     answer = post(server, samples["rle"].read_bytes(), content_type)
@@ -117,6 +151,15 @@ def test_errors_start_with_the_reason(server, samples, send, message):
     assert answer.status_code == 400, answer.text[:2000]
     assert answer.json()["message"].startswith(message), answer.json()["message"][:500]
     assert "Failed to predict data" not in answer.text
+
+
+def test_a_multipart_part_over_the_limit_is_refused_while_uploading_and_answered(server, samples):
+    """The server refuses a 30 MB part once the limit is passed (not after holding it all: the
+    message says "more than"), and the client, which sends the whole body first, gets the answer."""
+    answer = post(server, *multipart([samples["rle"].read_bytes(), b"\0" * 30_000_000]))
+    assert answer.status_code == 400, answer.text[:2000]
+    assert answer.json()["message"].startswith(f"row 1: payload of more than {SERVER_MAX_BYTES} bytes is over the "
+                                               f"limit of {SERVER_MAX_BYTES} bytes"), answer.json()["message"][:500]
 
 
 def test_line_wrapped_base64_is_refused_with_remove_line_breaks(server, samples):

@@ -10,7 +10,8 @@ cxrgaze's, answered in front of MLflow's app, and takes:
 - ``application/dicom``: the DICOM file itself as the body (PNG and JPEG bodies are read too,
   as ``image/png`` and ``image/jpeg``);
 - ``multipart/related; type="application/dicom"`` (as DICOMweb STOW-RS sends files): each
-  part one file, ``row i`` is part ``i``.
+  part one file, ``row i`` is part ``i``. Each part is read for the model (gate, decoding,
+  resizing) while the next one uploads (:class:`MultipartReader`, :meth:`Scorer.stream`).
 
 The raw routes skip base64, JSON and pandas parsing: the bytes go to the model's
 ``predict_bytes``, the same preprocessing and inference as the JSON route. Their options are
@@ -34,8 +35,9 @@ import base64
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from email.message import Message
-from typing import Any
+from typing import Any, AsyncIterator
 
 import pandas as pd
 from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
@@ -101,47 +103,97 @@ def readable(message: str) -> str:
     return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + " ..."
 
 
-def split_multipart(body: bytes, content_type: Message) -> list[bytes]:
-    """The parts of a ``multipart/related`` body (RFC 2046), each an image file.
+class MultipartReader:
+    """A ``multipart/related`` body (RFC 2046) read as it arrives: :meth:`feed` takes the
+    next bytes of the body and returns the parts it completed (each an image file, copied
+    out once), :meth:`close` checks that the body ended with the close delimiter.
 
-    The body is searched in place and each part's content copied out once (a batch of 16
-    films is a 230 MB body: splitting copies of it cost as much as decoding a film)."""
-    boundary = content_type.get_param("boundary")
-    kind = content_type.get_param("type")
-    if not isinstance(boundary, str) or not boundary:
-        raise RequestError(400, "multipart/related: no boundary parameter in the Content-Type")
-    if isinstance(kind, str) and kind.lower() != DICOM:
-        raise RequestError(415, f"multipart/related: type must be {DICOM!r}, got {kind!r}",
-                           "UNSUPPORTED_MEDIA_TYPE")
-    delimiter = b"\r\n--" + boundary.encode("latin-1")  # a delimiter line; the first may open the body
-    if body.startswith(delimiter[2:]):  # no preamble
-        at = len(delimiter) - 2
-    else:
-        found = body.find(delimiter)
-        at = found + len(delimiter) if found >= 0 else -1
-    cut_short = RequestError(400, "multipart/related: no close delimiter (--boundary--): the body is cut short")
-    if at < 0:
-        raise cut_short
-    files: list[bytes] = []
-    while body[at:at + 2] != b"--":  # ``at``: just after a delimiter; ``--`` closes, the rest is the epilogue
-        end = body.find(delimiter, at)
-        if end < 0:
-            raise cut_short
-        i = len(files)
-        blank = body.find(b"\r\n\r\n", at, end)
+    The server decodes each part while the next one is uploading, and holds at most one
+    unfinished part: a 16-film batch (230 MB) is never in memory as a whole. A part over
+    ``max_part`` bytes is refused as soon as that many bytes of it have arrived (uvicorn
+    reads and drops the rest of the upload, so the client still gets the answer).
+    """
+
+    HEADER_ALLOWANCE = 64 * 1024
+    """Bytes of part headers allowed on top of ``max_part``."""
+
+    def __init__(self, content_type: Message, max_part: int | None = None) -> None:
+        boundary = content_type.get_param("boundary")
+        kind = content_type.get_param("type")
+        if not isinstance(boundary, str) or not boundary:
+            raise RequestError(400, "multipart/related: no boundary parameter in the Content-Type")
+        if isinstance(kind, str) and kind.lower() != DICOM:
+            raise RequestError(415, f"multipart/related: type must be {DICOM!r}, got {kind!r}",
+                               "UNSUPPORTED_MEDIA_TYPE")
+        self.delimiter = b"\r\n--" + boundary.encode("latin-1")
+        self.max_part = max_part
+        self.buffer = bytearray(b"\r\n")  # so that a delimiter that opens the body (no preamble) is found too
+        self.scanned = 0
+        """Where the search for the next delimiter goes on (what is before it holds none)."""
+        self.state = "preamble"  # -> "parts" after the first delimiter -> "closed" after the close delimiter
+        self.part_start = False
+        """In ``parts``: the buffer starts just after a delimiter (``--`` there closes the body)."""
+        self.parts = 0
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The parts that ``chunk`` completes, in order."""
+        if self.state == "closed":
+            return []  # the epilogue
+        self.buffer += chunk
+        done: list[bytes] = []
+        while True:
+            if self.state == "parts" and self.part_start:  # just after a delimiter: a part, or the close?
+                if len(self.buffer) < 2:
+                    return done
+                if self.buffer[:2] == b"--":  # the close delimiter; the rest is the epilogue
+                    self.state, self.buffer = "closed", bytearray()
+                    return done
+                self.part_start = False
+            end = self.buffer.find(self.delimiter, self.scanned)
+            if end < 0:
+                self.scanned = max(0, len(self.buffer) - len(self.delimiter) + 1)
+                if self.state == "preamble":  # keep only what may begin the first delimiter
+                    del self.buffer[:self.scanned]
+                    self.scanned = 0
+                elif self.max_part is not None and len(self.buffer) > self.max_part + self.HEADER_ALLOWANCE:
+                    raise RequestError(400, f"row {self.parts}: payload of more than {self.max_part} bytes is over "
+                                       f"the limit of {self.max_part} bytes")
+                return done
+            if self.state == "parts":
+                done.append(self._part(end))
+            del self.buffer[:end + len(self.delimiter)]
+            self.scanned, self.state, self.part_start = 0, "parts", True
+
+    def _part(self, end: int) -> bytes:
+        """The content of the part that ends at ``end``: the buffer holds the rest of its
+        delimiter line, its headers, a blank line and the content."""
+        row = self.parts
+        blank = self.buffer.find(b"\r\n\r\n", 0, end)
         if blank < 0:
-            raise RequestError(400, f"row {i}: multipart part without a blank line after its headers")
-        head = body[at:blank].decode("latin-1").lower()  # line 1: the rest of the delimiter line
+            raise RequestError(400, f"row {row}: multipart part without a blank line after its headers")
+        head = self.buffer[:blank].decode("latin-1").lower()  # line 1: the rest of the delimiter line
         part_type = next((line.split(":", 1)[1].strip() for line in head.split("\r\n")[1:]
                           if line.startswith("content-type:")), DICOM)
         if part_type.split(";")[0].strip() not in RAW_TYPES:
-            raise RequestError(415, f"row {i}: part Content-Type {part_type!r}; each part must be one of "
+            raise RequestError(415, f"row {row}: part Content-Type {part_type!r}; each part must be one of "
                                f"{', '.join(RAW_TYPES)}", "UNSUPPORTED_MEDIA_TYPE")
-        files.append(body[blank + 4:end])
-        at = end + len(delimiter)
-    if not files:
-        raise RequestError(400, "multipart/related: no parts")
-    return files
+        self.parts += 1
+        return bytes(self.buffer[blank + 4:end])
+
+    def close(self) -> None:
+        """Check that the body was complete; raises the :class:`RequestError` saying what is missing."""
+        if self.state != "closed":
+            raise RequestError(400, "multipart/related: no close delimiter (--boundary--): the body is cut short")
+        if self.parts == 0:
+            raise RequestError(400, "multipart/related: no parts")
+
+
+def split_multipart(body: bytes, content_type: Message) -> list[bytes]:
+    """The parts of a whole ``multipart/related`` body (:class:`MultipartReader` fed at once)."""
+    reader = MultipartReader(content_type)
+    parts = reader.feed(body)
+    reader.close()
+    return parts
 
 
 def query_params(query: dict[str, str]) -> dict[str, Any]:
@@ -160,12 +212,37 @@ def query_params(query: dict[str, str]) -> dict[str, Any]:
 
 
 class Scorer:
-    """The loaded model and the work of one ``/invocations`` request (runs in a worker thread)."""
+    """The loaded model and the work of one ``/invocations`` request."""
 
     def __init__(self, model: PyFuncModel, info: dict[str, Any]) -> None:
         self.model, self.info = model, info
         self.python_model = model.unwrap_python_model()
         self.input_schema = model.metadata.get_input_schema()
+        self.streams = all(hasattr(self.python_model, name) for name in ("options", "read_file", "batch",
+                                                                          "predict_grids"))
+        """Whether the model reads files one by one (models logged before it take the whole batch)."""
+        limits = getattr(self.python_model, "limits", None)
+        self.max_part: int | None = getattr(limits, "max_bytes", None)
+
+    async def stream(self, chunks: AsyncIterator[bytes], reader: MultipartReader, params: dict[str, Any]) -> bytes:
+        """The answer to a multipart body as it arrives: each part is read for the model
+        (gate, decoding, resizing) on a worker thread while the next part uploads, one part
+        at a time per request; the batch is predicted once the body is complete."""
+        model = self.python_model
+        heatmap, size = model.options(params)  # a bad option fails before the upload is read
+        loop = asyncio.get_running_loop()
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrgaze-read")
+        pending: list[asyncio.Future] = []
+        try:
+            async for chunk in chunks:
+                pending += [loop.run_in_executor(pool, model.read_file, part) for part in reader.feed(chunk)]
+            reader.close()
+            outcomes = await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # a refused body: the queued parts are not read
+        images, notes = model.batch(outcomes)
+        table = await asyncio.to_thread(model.predict_grids, images, notes, heatmap, size)
+        return self.answer(table.to_dict(orient="records"))
 
     def raw(self, files: list[bytes], params: dict[str, Any]) -> bytes:
         """The answer to image files given as bytes."""
@@ -246,14 +323,19 @@ class ScoringApp:
                 got = f"got {header!r}" if header else "the request has no Content-Type"
                 raise RequestError(415, f"unsupported Content-Type: {got}; accepted: {ACCEPTED}",
                                    "UNSUPPORTED_MEDIA_TYPE")
-            body = b"".join([chunk async for chunk in request.stream()])  # (request.body() would keep a copy)
-            if mime in TABLE_TYPES:
+            if mime == MULTIPART and self.scorer.streams:
+                reader = MultipartReader(parsed, self.scorer.max_part)
+                params = query_params(dict(request.query_params))
+                content, status = await self.scorer.stream(request.stream(), reader, params), 200
+            elif mime in TABLE_TYPES:
+                body = b"".join([chunk async for chunk in request.stream()])  # (request.body() would keep a copy)
                 content, status = await asyncio.to_thread(self.scorer.table, body, header)
             else:
+                body = b"".join([chunk async for chunk in request.stream()])
                 if mime != MULTIPART and not body:
                     raise RequestError(400, "row 0: empty body (no image)")
                 files = split_multipart(body, parsed) if mime == MULTIPART else [body]
-                del body  # a multipart body's parts are copies: free the 230 MB of a 16-film batch now
+                del body  # a multipart body's parts are copies
                 params = query_params(dict(request.query_params))
                 content, status = await asyncio.to_thread(self.scorer.raw, files, params), 200
         except RequestError as exc:
