@@ -25,6 +25,7 @@ from cxrgaze.checkpoint import save_checkpoint
 from cxrgaze.config import DataConfig, resolve_run_config
 from cxrgaze.models import build_model
 from cxrgaze.serving.gate import Gate, NotAdmitted, admit
+from cxrgaze.serving.preprocess import InputError
 
 from data_factory import dicom_dataset, phantom
 
@@ -195,3 +196,22 @@ def test_the_gate_is_logged_in_the_model_config_and_overridden_by_the_environmen
     monkeypatch.setenv("CXRGAZE_GATE_MIN_SIDE", "big")
     with pytest.raises(ValueError, match="CXRGAZE_GATE_MIN_SIDE must be an integer, got 'big'"):
         Gate.from_env()
+
+
+def test_a_damaged_dicom_that_is_no_chest_radiograph_is_still_refused_as_such():
+    """The header is checked even when the file is too damaged to decode: a truncated CT is a CT."""
+    with pytest.raises(NotAdmitted, match=r"^refused: Modality \(0008,0060\) is 'CT'"):
+        admit(dicom(Modality="CT")[:-100])
+    with pytest.raises(InputError, match="truncated") as caught:
+        admit(dicom()[:-100])
+    assert not isinstance(caught.value, NotAdmitted)
+
+
+def test_a_damaged_rows_value_is_a_bad_input_not_a_crash():
+    """Rows stored with a wrong VR and length: pydicom raises its own exception type on reading
+    it; the served model names the file's problem (a 400), it does not fail the request (500)."""
+    data = bytearray(dicom())
+    at = data.index(b"\x28\x00\x10\x00US\x02\x00")  # Rows (0028,0010), US, 2 bytes
+    data[at + 4:at + 6] = b"UL"
+    with pytest.raises(InputError, match="^DICOM: "):
+        admit(bytes(data))

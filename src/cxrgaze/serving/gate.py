@@ -129,7 +129,13 @@ def admit(data: bytes, limits: Limits = Limits(), gate: Gate = Gate()) -> tuple[
     its warning (``""`` when none); :class:`NotAdmitted` for a refused image, ``InputError``
     for one that cannot be read."""
     if is_dicom(data):
-        ds = dicom_dataset(data, limits)  # read once: the header checks and the decoding share it
+        try:
+            ds = dicom_dataset(data, limits)  # read once: the header checks and the decoding share it
+        except InputError:  # damaged (e.g. truncated pixel data): what is no chest radiograph is refused as such
+            header = _header_only(data)
+            if header is not None:
+                _check_dicom(header, gate)
+            raise
         warning, tags = _check_dicom(ds, gate), "Rows (0028,0010) x Columns (0028,0011)"
         image = dicom_image(ds, limits)
     else:
@@ -172,6 +178,16 @@ def _check_dicom(header: pydicom.Dataset, gate: Gate) -> str:
         raise NotAdmitted(f"{REFUSED}BodyPartExamined (0018,0015) is {part!r}, not the chest "
                           f"(accepted: {', '.join(gate.body_parts)})")
     return ""
+
+
+def _header_only(data: bytes) -> pydicom.Dataset | None:
+    """The header of a DICOM whose whole read failed (None when that fails too)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - the caller reports the damage
+        return None
 
 
 def _check_picture(data: bytes, gate: Gate) -> str:

@@ -121,7 +121,7 @@ def dicom_image(ds: pydicom.Dataset, limits: Limits = Limits()) -> np.ndarray:
     ``limits.max_pixels`` before anything is decoded."""
     try:
         rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    except (TypeError, ValueError):  # a damaged value: read_dicom names the problem
+    except Exception:  # noqa: BLE001 - a damaged value (pydicom raises many types): read_dicom names the problem
         rows = columns = 0
     _check_pixels(rows, columns, limits)
     try:
