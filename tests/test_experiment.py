@@ -17,6 +17,7 @@ from cxrgaze.config import EvalConfig, resolve_run_config
 from cxrgaze.experiment.evaluation import evaluate_tracked
 from cxrgaze.experiment.training import train_tracked
 from cxrgaze.registry import val_auc_of_model
+from cxrgaze.runtime import resolve_device
 from cxrgaze.tracking import read_run_file
 
 pytestmark = pytest.mark.timeout(300)
@@ -64,7 +65,7 @@ def test_training_and_its_evaluation_are_a_run_and_its_nested_run(tiny_prepared,
     run = client.get_run(eval_run)
     assert run.info.run_name == "unet evaluation" and run.data.tags["mlflow.parentRunId"] == run_id
     assert run.info.start_time >= trained.info.end_time and run.data.tags["cxrgaze.kind"] == "evaluation"
-    assert run.data.tags["cxrgaze.device"] == "cpu"  # where it was evaluated (EvalConfig.device "auto" here)
+    assert run.data.tags["cxrgaze.device"] == str(resolve_device("auto"))  # where it was evaluated (EvalConfig's)
     assert run.data.params["loss.gamma"] == str(config.loss.gamma) and "loss.alpha" not in run.data.params
     assert "epoch_val_auc_macro" not in run.data.metrics, "the curves stay in the training run"
     m = run.data.metrics

@@ -145,6 +145,8 @@ def test_missing_or_unsupported_content_type_is_415_naming_the_accepted_types(se
      "params: heatmap must be one of"),
     (lambda url, s: post(url, s["rle"].read_bytes(), "application/dicom", "?colour=red"),
      "params: unknown query parameter(s) colour"),
+    (lambda url, s: post(url, s["rle"].read_bytes(), "application/dicom", "?heatmap_size=%C2%B2"),  # a digit to isdigit()
+     "params: heatmap_size must be an integer from 8 to 2048; got '²'"),
 ])
 def test_errors_start_with_the_reason(server, samples, send, message):
     answer = send(server, samples)
@@ -160,6 +162,23 @@ def test_a_multipart_part_over_the_limit_is_refused_while_uploading_and_answered
     assert answer.status_code == 400, answer.text[:2000]
     assert answer.json()["message"].startswith(f"row 1: payload of more than {SERVER_MAX_BYTES} bytes is over the "
                                                f"limit of {SERVER_MAX_BYTES} bytes"), answer.json()["message"][:500]
+
+
+def test_a_ct_is_refused_with_422_on_every_route_and_a_batch_with_other_bad_rows_with_400(server, samples):
+    """The X-ray gate's refusal through the running server: the raw body, the multipart body
+    read as it arrives, and the JSON route; a batch with a non-gate error too is a plain 400."""
+    from test_gate import CT, dicom
+
+    ct, chest = dicom(Modality="CT"), samples["rle"].read_bytes()
+    for answer, message in ((post(server, ct, "application/dicom"), f"row 0: {CT}"),
+                            (post(server, *multipart([chest, ct, ct])),
+                             f"row 1: {CT}; row 2: {CT} (2 of 3 rows are bad; nothing was predicted)"),
+                            (json_route(server, [ct]), f"row 0: {CT}")):
+        assert answer.status_code == 422, answer.text[:2000]
+        assert answer.json()["message"].startswith(message), answer.json()["message"][:500]
+    answer = post(server, *multipart([ct, b"junk" * 50]))
+    assert answer.status_code == 400, answer.text[:2000]
+    assert answer.json()["message"].startswith(f"row 0: {CT}; row 1: not an image")
 
 
 def test_line_wrapped_base64_is_refused_with_remove_line_breaks(server, samples):

@@ -35,7 +35,6 @@ import base64
 import json
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from email.message import Message
 from typing import Any, AsyncIterator
 
@@ -46,7 +45,7 @@ from mlflow.pyfunc import PyFuncModel
 from mlflow.pyfunc import scoring_server as mlflow_scoring
 from mlflow.tracking import MlflowClient
 from mlflow.utils.proto_json_utils import NumpyEncoder
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 DICOM = "application/dicom"
@@ -57,6 +56,8 @@ ACCEPTED = f"{DICOM}, {MULTIPART}; type=\"{DICOM}\", image/png, image/jpeg, " + 
 QUERY_PARAMS = ("heatmap", "heatmap_size")
 MAX_MESSAGE = 2000
 """Characters of an error message kept (MLflow's parse errors quote the whole body)."""
+QUEUED_PARTS = 2
+"""Received multipart parts that may wait for their reading before the upload waits."""
 MODEL_URI_ENV = "CXRGAZE_SERVE_MODEL_URI"
 """The model URI handed to the app factory (uvicorn workers import the app by name)."""
 
@@ -108,8 +109,9 @@ class MultipartReader:
     next bytes of the body and returns the parts it completed (each an image file, copied
     out once), :meth:`close` checks that the body ended with the close delimiter.
 
-    The server decodes each part while the next one is uploading, and holds at most one
-    unfinished part: a 16-film batch (230 MB) is never in memory as a whole. A part over
+    The server decodes each part while the next one is uploading, and a 16-film batch (230
+    MB) is never in memory as a whole: the reader holds the unfinished part, and at most
+    :data:`QUEUED_PARTS` finished ones wait to be decoded (:meth:`Scorer.stream`). A part over
     ``max_part`` bytes is refused as soon as that many bytes of it have arrived (uvicorn
     reads and drops the rest of the upload, so the client still gets the answer).
     """
@@ -207,7 +209,10 @@ def query_params(query: dict[str, str]) -> dict[str, Any]:
         params["heatmap"] = query["heatmap"]
     if query.get("heatmap_size"):
         text = query["heatmap_size"]
-        params["heatmap_size"] = int(text) if text.strip().lstrip("-").isdigit() else text
+        try:
+            params["heatmap_size"] = int(text)
+        except ValueError:
+            params["heatmap_size"] = text  # the model names it as not an integer
     return params
 
 
@@ -227,22 +232,39 @@ class Scorer:
     async def stream(self, chunks: AsyncIterator[bytes], reader: MultipartReader, params: dict[str, Any]) -> bytes:
         """The answer to a multipart body as it arrives: each part is read for the model
         (gate, decoding, resizing) on a worker thread while the next part uploads, one part
-        at a time per request; the batch is predicted once the body is complete."""
+        at a time per request; the batch is predicted once the body is complete.
+
+        At most :data:`QUEUED_PARTS` received parts wait for their reading; beyond that the
+        upload waits (uvicorn stops reading the socket), so a fast upload of slow-to-decode
+        films (JPEG 2000) does not pile up in memory."""
         model = self.python_model
         heatmap, size = model.options(params)  # a bad option fails before the upload is read
-        loop = asyncio.get_running_loop()
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrgaze-read")
-        pending: list[asyncio.Future] = []
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=QUEUED_PARTS)
+
+        async def read_parts() -> list[Any]:
+            outcomes: list[Any] = []
+            while (part := await queue.get()) is not None:
+                try:
+                    outcomes.append(await asyncio.to_thread(model.read_file, part))
+                except Exception as exc:  # noqa: BLE001 - each row's outcome; model.batch sorts them out
+                    outcomes.append(exc)
+            return outcomes
+
+        reading = asyncio.create_task(read_parts())
         try:
             async for chunk in chunks:
-                pending += [loop.run_in_executor(pool, model.read_file, part) for part in reader.feed(chunk)]
+                for part in reader.feed(chunk):
+                    await queue.put(part)
             reader.close()
-            outcomes = await asyncio.gather(*pending, return_exceptions=True)
+            await queue.put(None)
+            outcomes = await reading
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)  # a refused body: the queued parts are not read
-        images, notes = model.batch(outcomes)
-        table = await asyncio.to_thread(model.predict_grids, images, notes, heatmap, size)
-        return self.answer(table.to_dict(orient="records"))
+            reading.cancel()  # a refused body: the parts still queued are not read
+        return await asyncio.to_thread(self._predict_read, outcomes, heatmap, size)
+
+    def _predict_read(self, outcomes: list[Any], heatmap: str, size: int) -> bytes:
+        images, notes = self.python_model.batch(outcomes)
+        return self.answer(self.python_model.predict_grids(images, notes, heatmap, size).to_dict(orient="records"))
 
     def raw(self, files: list[bytes], params: dict[str, Any]) -> bytes:
         """The answer to image files given as bytes."""
@@ -340,6 +362,8 @@ class ScoringApp:
                 content, status = await asyncio.to_thread(self.scorer.raw, files, params), 200
         except RequestError as exc:
             return _error(exc.status, exc.error_code, exc.message)
+        except ClientDisconnect:  # nobody to answer; uvicorn drops this
+            return _error(400, "BAD_REQUEST", "the client disconnected before its body was complete")
         except MlflowException as exc:  # the gate's refusals (attribute, not class: see cxrgaze.serving.gate) are 422
             status = 422 if getattr(exc, "gate_refusal", False) else exc.get_http_status_code()
             return _error(status, exc.error_code, readable(exc.message))
