@@ -66,6 +66,16 @@ def _finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
         pytest.fail(f"the job did not end within {timeout:.0f} s (it hangs)\n--- stdout\n{out}\n--- stderr\n{err[-6000:]}")
 
 
+def _failed(proc: subprocess.Popen) -> tuple[list[str], str]:
+    """Wait for a job that must fail (non-zero exit): its ``cxrgaze train: `` lines, printed for the
+    test log, and its stderr."""
+    _, err = _finish(proc, 120)
+    assert proc.returncode != 0, err[-6000:]
+    lines = [line for line in err.splitlines() if line.startswith("cxrgaze train: ")]
+    print("\n".join(lines))
+    return lines, err
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -158,10 +168,7 @@ def test_a_silent_rank_fails_the_job_after_the_timeout_and_the_run(tiny_prepared
     finally:
         if _alive(rank1):
             os.kill(rank1, signal.SIGCONT)  # its pending SIGTERM from torchrun then ends it
-    _, err = _finish(proc, 120)
-    assert proc.returncode != 0
-    lines = [line for line in err.splitlines() if line.startswith("cxrgaze train: ")]
-    print("\n".join(lines))
+    lines, err = _failed(proc)
     rank0 = [line for line in lines if line.startswith(
         f"cxrgaze train: error: rank 1 did not answer within {TIMEOUT} s ({TIMEOUT_ENV}) in ")]
     assert len(rank0) == 1 and "rank 0 stops the job" in rank0[0], err[-6000:]
@@ -174,11 +181,8 @@ def test_a_killed_rank_does_not_leave_the_run_running(tiny_prepared, mlflow_stor
     prepared, split = tiny_prepared
     proc, out, rank0, rank1 = _train_until_first_epoch(tmp_path, prepared, split, 600)
     os.kill(rank1, signal.SIGKILL)
-    _, err = _finish(proc, 120)
-    assert proc.returncode != 0
+    ends, err = _failed(proc)
     assert _run_status(out) in ("FAILED", "KILLED"), err[-6000:]
-    ends = [line for line in err.splitlines() if line.startswith("cxrgaze train: ")]
-    print("\n".join(ends))
     assert len(ends) == 1 and ("rank 1 left the job" in ends[0] or "rank 0 received SIGTERM" in ends[0]), err[-6000:]
 
 
@@ -210,10 +214,7 @@ def test_sigterm_to_rank_zero_ends_the_run_killed(tiny_prepared, mlflow_store, t
     prepared, split = tiny_prepared
     proc, out, rank0, _ = _train_until_first_epoch(tmp_path, prepared, split, 600)
     os.kill(rank0, signal.SIGTERM)
-    _, err = _finish(proc, 120)
-    assert proc.returncode != 0
-    ends = [line for line in err.splitlines() if line.startswith("cxrgaze train: ")]
-    print("\n".join(ends))
+    ends, err = _failed(proc)
     assert "cxrgaze train: interrupted: rank 0 received SIGTERM: torchrun stops the job's ranks when one of them " \
            "fails (see its error above)" in ends, err[-6000:]
     assert _run_status(out) == "KILLED"
