@@ -54,7 +54,10 @@ def _proc_stat(pid: int) -> list[str] | None:
 def process_start(pid: int) -> int | None:
     """The start time of process ``pid`` in clock ticks since boot (``/proc``; None where
     unknown): with the pid it names one process, even after the pid is reused."""
-    fields = _proc_stat(pid)
+    return _start_of(_proc_stat(pid))
+
+
+def _start_of(fields: list[str] | None) -> int | None:
     try:
         return None if fields is None else int(fields[19])
     except (ValueError, IndexError):
@@ -73,10 +76,10 @@ def process_alive(pid: int, started: int | None = None) -> bool:
         return False
     except PermissionError:
         pass  # alive, another user's
-    fields = _proc_stat(pid)
+    fields = _proc_stat(pid)  # read once: state and start time
     if fields and fields[0] in ("Z", "X"):
         return False
-    now = process_start(pid)
+    now = _start_of(fields)
     return started is None or now is None or now == started
 
 
