@@ -55,14 +55,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 
-from cxrgaze.serving.preprocess import (JPEG_MAGIC, PNG_MAGIC, InputError, Limits, dicom_dataset, dicom_image,
-                                        is_dicom, read_image)
+from cxrgaze.data.dicom import MONOCHROME
+from cxrgaze.serving.preprocess import (GREY_MODES, JPEG_MAGIC, PNG_MAGIC, InputError, Limits, dicom_dataset,
+                                        dicom_image, is_dicom, read_image)
 
 REFUSED = "refused: "
 """The start of every refusal's reason (after ``row i: `` in the pyfunc's message)."""
-GREY_MODES = ("L", "I;16", "I;16L", "I;16B", "I")
-"""Pillow modes of a grey PNG/JPEG."""
-MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 _TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
 
 

@@ -35,6 +35,8 @@ from cxrgaze.config import DataConfig
 from cxrgaze.data.dicom import LUMA, DicomError, ResizeMap, model_grid, read_dataset, read_dicom
 from cxrgaze.errors import reason
 
+GREY_MODES = ("L", "I;16", "I;16L", "I;16B", "I")
+"""Pillow modes of a grey PNG/JPEG (8-bit; 16-bit and 32-bit integer)."""
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -162,7 +164,7 @@ def _read_picture(data: bytes, limits: Limits) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as picture:
             _check_pixels(picture.height, picture.width, limits)  # from the header; nothing decoded yet
             picture.load()
-            if picture.mode in ("I;16", "I;16L", "I;16B", "I"):
+            if picture.mode in GREY_MODES and picture.mode != "L":  # 16-bit (and 32-bit integer) grey
                 grey = np.asarray(picture, dtype=np.float32) / np.float32(65535.0)  # 16-bit grey
             elif picture.mode == "L":
                 grey = np.asarray(picture, dtype=np.float32) / np.float32(255.0)
