@@ -75,16 +75,22 @@ def resolve_model(model_uri: str) -> tuple[str, dict[str, Any]]:
     reported) and the ``model`` field of the answers."""
     info: dict[str, Any] = {"uri": model_uri, "name": None, "version": None}
     if model_uri.startswith("models:/"):
-        name, _, ref = model_uri[len("models:/"):].strip("/").partition("/")
-        name, _, alias = name.partition("@")
+        name, slash, ref = model_uri[len("models:/"):].strip("/").partition("/")
+        name, at, alias = name.partition("@")
+        if not slash and not at:  # models:/<model id>: a logged model (MLflow 3), not a registered version
+            info["model_id"] = name
+            return model_uri, info
         client = MlflowClient()
         if alias:
             version = client.get_model_version_by_alias(name, alias)
         elif ref.isdigit():
             version = client.get_model_version(name, ref)
         else:  # a stage or "latest"
-            stages = None if ref in ("", "latest") else [ref]
-            version = max(client.get_latest_versions(name, stages), key=lambda v: int(v.version))
+            stages = None if ref.lower() == "latest" else [ref]
+            versions = client.get_latest_versions(name, stages)
+            if not versions:
+                raise MlflowException(f"registered model {name!r} has no version{f' in stage {ref}' if stages else ''}")
+            version = max(versions, key=lambda v: int(v.version))
         info.update(name=name, version=str(version.version), run_id=version.run_id)
         return f"models:/{name}/{version.version}", info
     if model_uri.startswith("runs:/"):
@@ -180,7 +186,8 @@ class MultipartReader:
             raise RequestError(415, f"row {row}: part Content-Type {part_type!r}; each part must be one of "
                                f"{', '.join(RAW_TYPES)}", "UNSUPPORTED_MEDIA_TYPE")
         self.parts += 1
-        return bytes(self.buffer[blank + 4:end])
+        with memoryview(self.buffer) as view:  # one copy (a bytearray slice would be a second)
+            return bytes(view[blank + 4:end])
 
     def close(self) -> None:
         """Check that the body was complete; raises the :class:`RequestError` saying what is missing."""
