@@ -41,7 +41,7 @@ from cxrgaze.tracking import (CHECKPOINT_TAG, RUN_FILE, EpochLogger, TrackingErr
 from cxrgaze.tracking_buffer import (BUFFER_FILE, Pending, Record, artifact_record, end_record, metrics_record,
                                      params_record, summary, tags_record)
 from cxrgaze.train import TrainResult, train
-from cxrgaze.train.loop import run_layout
+from cxrgaze.train.loop import check_resumable, run_layout
 
 EPOCH_PREFIX = "epoch_"
 """Per-epoch metrics are ``epoch_val_auc_macro``, ``epoch_train_loss``...: the evaluation's
@@ -148,15 +148,8 @@ def _train_tracked(config: RunConfig, prepared_dir: str | Path, split_csv: str |
 def _check_resume(last: dict[str, Any], config: RunConfig, prepared_dir: str | Path, out_dir: Path) -> None:
     """What :func:`cxrgaze.train.train` checks before it resumes, checked before the run of
     ``out_dir`` is reopened: a resume it would refuse must leave that run as it is."""
-    if _without_micro_batches(last["config"]) != _without_micro_batches(config.as_dict()):
-        raise ValueError(f"{out_dir / 'last.pt'}: written by a run with a different config; "
-                         "delete the folder or train with --no-resume to start over")
+    check_resumable(last, config, out_dir / "last.pt")
     PreparedDir(prepared_dir).check()
-
-
-def _without_micro_batches(config: dict[str, Any]) -> dict[str, Any]:
-    """As the train loop compares configs: ``train.micro_batches`` may change on a resume."""
-    return {**config, "train": {k: v for k, v in config["train"].items() if k != "micro_batches"}}
 
 
 def _trained(run_id: str, history: list[dict[str, Any]], config: RunConfig, out_dir: Path) -> bool:

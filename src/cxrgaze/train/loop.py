@@ -259,9 +259,7 @@ def _resume(stepper: Stepper, config: RunConfig, device: torch.device, ctx: Dist
     """Restore model, optimizer, schedule and RNG from ``last.pt`` (same config only)."""
     last_path = stepper.last_path
     ckpt = load_checkpoint(last_path)
-    if _without_micro_batches(ckpt["config"]) != _without_micro_batches(config.as_dict()):
-        raise ValueError(f"{last_path}: written by a run with a different config; "
-                         "delete the folder or train with --no-resume to start over")
+    check_resumable(ckpt, config, last_path)
     stepper.model.load_state_dict(ckpt["model"])
     stepper.optimizer.load_state_dict(ckpt["optimizer"])
     if stepper.scheduler is not None and ckpt.get("scheduler") is not None:
@@ -274,6 +272,14 @@ def _resume(stepper: Stepper, config: RunConfig, device: torch.device, ctx: Dist
         warnings.warn(f"{last_path}: written with global batches cut into {ckpt.get('shards', 1)} shard(s), "
                       f"resumed with {shards}: the run goes on, but is not the bit-exact continuation", stacklevel=3)
     return _Progress(ckpt["history"], ckpt["best"], ckpt["best_epoch"], ckpt["epoch"] + 1)
+
+
+def check_resumable(last: dict[str, Any], config: RunConfig, last_path: Path) -> None:
+    """Refuse to resume from ``last`` (the checkpoint at ``last_path``) unless it was written
+    with ``config`` (``train.micro_batches`` aside)."""
+    if _without_micro_batches(last["config"]) != _without_micro_batches(config.as_dict()):
+        raise ValueError(f"{last_path}: written by a run with a different config; "
+                         "delete the folder or train with --no-resume to start over")
 
 
 def _without_micro_batches(config: dict[str, Any]) -> dict[str, Any]:
