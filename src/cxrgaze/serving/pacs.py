@@ -4,7 +4,7 @@
    DICOMweb service at ``URL`` (e.g. Orthanc's ``http://host:8042/dicom-web``). Objects
    without pixel data (reports) and objects this command wrote earlier (manufacturer
    :data:`MANUFACTURER`) are left out.
-2. Each image goes through the served model (:func:`cxrgaze.serving.predict.load`), as one
+2. Each image goes through the served model (:func:`cxrgaze.serving.predict.load_resolved`), as one
    file of ``cxrgaze predict``.
 3. For each image two new DICOM objects are made, in two new series of the source study
    (its Patient and Study identifiers, new Series and SOP Instance UIDs):
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import base64
 import io
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -52,7 +51,7 @@ from PIL import Image
 
 from cxrgaze.errors import first_line
 from cxrgaze.serving.model import INPUT_COLUMN
-from cxrgaze.serving.predict import load, overlay
+from cxrgaze.serving.predict import load_resolved, overlay
 from cxrgaze.serving.preprocess import read_image
 from cxrgaze.serving.serve import DEFAULT_MODEL_URI
 
@@ -89,18 +88,12 @@ class Result:
         return out
 
 
-def model_identity(model_uri: str, pyfunc: "PyFuncModel") -> tuple[str, str]:
-    """(name, version) of the model: the registry's for ``models:/NAME@ALIAS`` and
-    ``models:/NAME/VERSION``; otherwise the URI and ``run <run id>`` (not registered)."""
-    import mlflow
-
-    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", model_uri)
-    if match:
-        name, alias, version = match.groups()
-        if alias is not None:
-            version = mlflow.MlflowClient().get_model_version_by_alias(name, alias).version
-        return name, str(version)
-    run_id = getattr(pyfunc.metadata, "run_id", None)
+def model_identity(model_uri: str, info: dict[str, Any], pyfunc: "PyFuncModel") -> tuple[str, str]:
+    """(name, version) of the model from :func:`~cxrgaze.serving.predict.load_resolved`'s ``info``:
+    the registry's for a ``models:/`` URI; otherwise the URI and ``run <run id>`` (not registered)."""
+    if info.get("version") is not None:
+        return str(info["name"]), str(info["version"])
+    run_id = info.get("run_id") or getattr(pyfunc.metadata, "run_id", None)
     return model_uri, f"run {run_id}" if run_id else "unregistered"
 
 
@@ -268,9 +261,9 @@ def predict_study(url: str, study: str, series: str | None = None, instance: str
 
     client = connect(url)
     images = retrieve(client, study, series, instance)
-    pyfunc = load(model_uri)
+    pyfunc, info = load_resolved(model_uri)
     served = pyfunc.unwrap_python_model()
-    model = model_identity(model_uri, pyfunc)
+    model = model_identity(model_uri, info, pyfunc)
     params = {k: v for k, v in (("heatmap", heatmap), ("heatmap_size", heatmap_size)) if v is not None}
     results = list(predict_images(pyfunc, images, params))
     sr_series, sc_series = UID(), UID()

@@ -42,8 +42,18 @@ OVERLAY_ALPHA = 0.6
 
 def load(model_uri: str = DEFAULT_MODEL_URI) -> "PyFuncModel":
     """The pyfunc at ``model_uri``; an unknown model is a one-line ``RuntimeError``."""
+    return load_resolved(model_uri)[0]
+
+
+def load_resolved(model_uri: str = DEFAULT_MODEL_URI) -> tuple["PyFuncModel", dict[str, Any]]:
+    """The pyfunc at ``model_uri`` and what :func:`~cxrgaze.serving.server.resolve_model` says
+    of it (an alias is resolved once, so the version named is the one loaded); an unknown
+    model is a one-line ``RuntimeError``."""
+    from cxrgaze.serving.server import resolve_model
+
     try:
-        return mlflow.pyfunc.load_model(model_uri)
+        load_uri, info = resolve_model(model_uri)
+        return mlflow.pyfunc.load_model(load_uri), info
     except MlflowException as exc:
         raise RuntimeError(f"{model_uri}: cannot load the model ({first_line(exc, 300)})") from None
 
