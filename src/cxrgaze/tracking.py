@@ -299,12 +299,19 @@ def run_exists(run_id: str) -> bool:
     cannot say (unreachable, 503, database locked...), so that a transient failure never
     passes for a missing run."""
     try:
-        return MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
-    except mlflow.exceptions.MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+        return read_run(run_id).info.lifecycle_stage == "active"
+    except TrackingError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, mlflow.exceptions.MlflowException) and cause.error_code == "RESOURCE_DOES_NOT_EXIST":
             return False
-        raise TrackingError(f"MLflow tracking store {mlflow.get_tracking_uri()}: cannot read run {run_id} "
-                            f"({reason(exc)})") from exc
+        raise
+
+
+def read_run(run_id: str) -> Any:
+    """``MlflowClient().get_run(run_id)``; any failure (no such run included) is a
+    :class:`TrackingError` naming the store and the run, caused by the store's exception."""
+    try:
+        return MlflowClient().get_run(run_id)
     except Exception as exc:  # noqa: BLE001 - any store failure is one user-facing reason
         raise TrackingError(f"MLflow tracking store {mlflow.get_tracking_uri()}: cannot read run {run_id} "
                             f"({reason(exc)})") from exc

@@ -31,13 +31,11 @@ from cxrgaze.checkpoint import config_variant, load_checkpoint
 from cxrgaze.config import DataConfig, RunConfig, from_mapping
 from cxrgaze.data.prepared import PreparedDir
 from cxrgaze.distributed import context_from_env
-from cxrgaze.errors import reason
 from cxrgaze.experiment.delivery import INCOMPLETE_FIELDS, INCOMPLETE_TAG, TrackingGuard
 from cxrgaze.outlock import FolderInUse, output_lock
 from cxrgaze.runtime import resolve_device
-from cxrgaze.tracking import (CHECKPOINT_TAG, RUN_FILE, EpochLogger, TrackingError, apply_http_defaults, file_digest,
-                              finite_metrics, flatten, read_run_file, run_exists, run_tags, set_experiment,
-                              write_run_file)
+from cxrgaze.tracking import (CHECKPOINT_TAG, RUN_FILE, EpochLogger, apply_http_defaults, file_digest, finite_metrics,
+                              flatten, read_run, read_run_file, run_exists, run_tags, set_experiment, write_run_file)
 from cxrgaze.tracking_buffer import (BUFFER_FILE, Pending, Record, artifact_record, end_record, metrics_record,
                                      params_record, summary, tags_record)
 from cxrgaze.train import TrainResult, train
@@ -157,11 +155,7 @@ def _trained(run_id: str, history: list[dict[str, Any]], config: RunConfig, out_
     ``last.pt`` and ``best.pt`` and ``metrics.json`` written): nothing to reopen its run for."""
     if all((out_dir / name).exists() for name in ("best.pt", "metrics.json")) and len(history) >= config.train.epochs:
         return True
-    try:
-        return MlflowClient().get_run(run_id).info.status == "FINISHED"
-    except Exception as exc:  # noqa: BLE001 - any store failure is one user-facing reason
-        raise TrackingError(f"MLflow tracking store {mlflow.get_tracking_uri()}: cannot read run {run_id} "
-                            f"({reason(exc)})") from exc
+    return read_run(run_id).info.status == "FINISHED"
 
 
 def _flush_trained(config: RunConfig, prepared_dir: str | Path, split_csv: str | Path, out_dir: Path,
